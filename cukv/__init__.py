@@ -1,0 +1,11 @@
+"""cukv: CUDA kernels for quantized (FP8 / INT4) LLM key/value caches.
+
+NumPy inputs run the NumPy + ml_dtypes reference (``cukv.ref``); CuPy inputs run the CUDA kernels
+(compiled at run time by ``cupy.RawModule``). ``import cukv`` imports neither CuPy nor a device.
+SPEC.md is normative for every op.
+"""
+from .formats import FORMATS, parse_format, row_bytes, pack_qparams, unpack_qparams  # noqa: F401
+from .quantize import quantize, dequantize  # noqa: F401
+from .norm import rms_norm  # noqa: F401
+
+__version__ = "0.1.0"

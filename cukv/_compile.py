@@ -1,0 +1,195 @@
+"""The only place a ``cupy.RawModule`` is built.
+
+A :class:`Family` is one ``cuda_src/<name>.cu`` file with every template instantiation it may be asked
+for, declared up front. :func:`expression` builds both the ``name_expressions`` entry and the lookup
+name, so the two always match. Modules compile lazily on first use and are memoized.
+
+The source is prefixed with ``#line 1 "cukv/cuda_src/<file>"`` so compile errors name the real file,
+and a digest of every file in ``cuda_src/`` goes into the options (``-DCUKV_SRC_DIGEST=...``) because
+CuPy's disk cache does not hash headers reached through ``-I``.
+
+:func:`compile_only` runs NVRTC without a GPU (CuPy's ``cupy_backends.cuda.libs.nvrtc``) for a given
+architecture; CI uses it to compile every instantiation for sm_80 and sm_90 (``python -m
+cukv._compile``).
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import threading
+from pathlib import Path
+
+import numpy as np
+
+from . import _backend
+
+SRC_DIR = Path(__file__).resolve().parent / "cuda_src"
+_FAMILIES: dict[str, "Family"] = {}
+_LOCK = threading.Lock()
+
+
+def expression(name: str, *targs) -> str:
+    """``expression("k", "float", 4) == "k<float, 4>"``; used to declare and to look up."""
+    if not targs:
+        return name
+    return f"{name}<{', '.join(_targ(t) for t in targs)}>"
+
+
+def _targ(t) -> str:
+    if isinstance(t, bool):
+        return "true" if t else "false"
+    return str(t)
+
+
+@functools.lru_cache(maxsize=1)
+def source_digest() -> str:
+    """sha256 (16 hex digits) over every file name and content in ``cuda_src/``."""
+    h = hashlib.sha256()
+    for p in sorted(SRC_DIR.iterdir()):
+        if p.is_file() and p.suffix in (".cu", ".cuh"):
+            h.update(p.name.encode())
+            h.update(p.read_bytes())
+    return h.hexdigest()[:16]
+
+
+class Family:
+    """One ``.cu`` file and its declared instantiations.
+
+    Parameters
+    ----------
+    source : str
+        File name in ``cuda_src/``.
+    expressions : iterable of str
+        Every instantiation, each built with :func:`expression`.
+    exact : bool
+        ``True`` for bit-exact paths (SPEC §1.1): compiled with ``--fmad=false`` so no ``a*b+c``
+        is contracted. Attention kernels pass ``False``.
+    """
+
+    def __init__(self, source: str, expressions, *, exact: bool = True):
+        self.source = source
+        self.expressions = tuple(dict.fromkeys(expressions))
+        self.exact = exact
+        self._module = None
+        _FAMILIES[source] = self
+
+    def code(self) -> str:
+        text = (SRC_DIR / self.source).read_text()
+        return f'#line 1 "cukv/cuda_src/{self.source}"\n{text}'
+
+    def options(self) -> tuple[str, ...]:
+        opts = ["--std=c++17", f"-I{SRC_DIR}", f"-DCUKV_SRC_DIGEST=0x{source_digest()}ULL"]
+        if self.exact:
+            opts.append("--fmad=false")
+        return tuple(opts)
+
+    def module(self):
+        """The memoized ``cupy.RawModule`` (compiled on first call)."""
+        if self._module is None:
+            with _LOCK:
+                if self._module is None:
+                    cp = _backend.cupy()
+                    self._module = cp.RawModule(code=self.code(), options=self.options(),
+                                                name_expressions=self.expressions, backend="nvrtc")
+        return self._module
+
+    def kernel(self, name: str, *targs):
+        """The ``cupy.RawKernel`` for ``name<targs...>``; it must have been declared."""
+        expr = expression(name, *targs)
+        if expr not in self.expressions:
+            raise RuntimeError(f"cukv internal error: {expr!r} is not declared in {self.source}")
+        return self.module().get_function(expr)
+
+
+def launch(kernel, grid, block, args, shared_mem: int = 0) -> None:
+    """Launch on CuPy's current stream. Scalars must be NumPy scalars (``np.int32(...)``):
+    a Python float passed to a ``float`` parameter would arrive as 0.0."""
+    for a in args:
+        if isinstance(a, (int, float, bool)):
+            raise TypeError(f"cukv internal error: kernel scalar {a!r} must be a numpy scalar")
+    grid = tuple(int(g) for g in (grid if isinstance(grid, tuple) else (grid,)))
+    block = tuple(int(b) for b in (block if isinstance(block, tuple) else (block,)))
+    if min(grid) <= 0:
+        return
+    if shared_mem > 48 * 1024:
+        kernel.max_dynamic_shared_size_bytes = int(shared_mem)
+    kernel(grid, block, tuple(args), shared_mem=int(shared_mem))
+
+
+def families() -> dict[str, Family]:
+    """Every family, after importing the op modules that declare them."""
+    from . import _registry  # noqa: F401,PLC0415  (imports every op module)
+
+    return dict(_FAMILIES)
+
+
+def _cuda_include_dirs() -> list[str]:
+    dirs = []
+    try:
+        import nvidia.cuda_runtime as rt  # noqa: PLC0415
+
+        for p in rt.__path__:
+            inc = Path(p) / "include"
+            if inc.is_dir():
+                dirs.append(str(inc))
+    except ImportError:
+        pass
+    return dirs
+
+
+def compile_only(arch: str, names=None) -> dict[str, int]:
+    """Compile every declared instantiation with NVRTC for ``arch`` (e.g. ``"sm_90"``), no GPU needed.
+
+    Returns ``{source: number of resolved lookup names}``. Raises ``RuntimeError`` with the NVRTC log
+    on a compile error or an unresolvable name.
+    """
+    from cupy_backends.cuda.libs import nvrtc  # noqa: PLC0415
+
+    out = {}
+    for src, fam in sorted(families().items()):
+        if names is not None and src not in names:
+            continue
+        prog = nvrtc.createProgram(fam.code(), src, [], [])
+        try:
+            for e in fam.expressions:
+                nvrtc.addNameExpression(prog, e)
+            opts = [f"-arch={arch}", *fam.options(), *(f"-I{d}" for d in _cuda_include_dirs())]
+            try:
+                nvrtc.compileProgram(prog, opts)
+            except Exception as e:
+                log = nvrtc.getProgramLog(prog)
+                raise RuntimeError(f"NVRTC failed on {src} for {arch}: {e}\n{log}") from None
+            n = 0
+            for e in fam.expressions:
+                lowered = nvrtc.getLoweredName(prog, e)
+                if not lowered:
+                    raise RuntimeError(f"{src}: no lowered name for {e!r} on {arch}")
+                n += 1
+            out[src] = n
+        finally:
+            nvrtc.destroyProgram(prog)
+    return out
+
+
+def _main(argv=None) -> int:
+    import argparse  # noqa: PLC0415
+
+    ap = argparse.ArgumentParser(description="Compile every cukv kernel instantiation with NVRTC (no GPU).")
+    ap.add_argument("--arch", action="append", default=None, help="e.g. sm_80 (repeatable)")
+    ns = ap.parse_args(argv)
+    for arch in ns.arch or ["sm_80", "sm_90"]:
+        res = compile_only(arch)
+        total = sum(res.values())
+        print(f"{arch}: {total} instantiations in {len(res)} files: "
+              + ", ".join(f"{k} ({v})" for k, v in res.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_main())
+
+
+# Kernel scalars: the only spellings ops should use.
+i32 = np.int32
+i64 = np.int64
+f32 = np.float32

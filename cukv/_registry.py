@@ -1,0 +1,2 @@
+"""Imports every module that declares a kernel family, so ``_compile.families()`` sees them all."""
+from . import quantize, norm  # noqa: F401

@@ -1,0 +1,244 @@
+// cukv/cuda_src/common.cuh: device helpers shared by every kernel family.
+//
+// No CUDA headers are included: NVRTC compiles this file as is, with or without a CUDA toolkit on the
+// machine. bf16 / fp16 / e4m3 conversions are written in PTX or integer code; every one rounds to
+// nearest even, once, exactly as the NumPy reference (cukv.ref) does.
+//
+// Rows are processed by a *team* of W lanes (W a power of two <= 32, aligned inside a warp). Each lane
+// holds V chunks of 8 consecutive elements: chunk c of lane l covers elements [(c*W + l)*8, +8).
+// Team reductions are XOR butterflies, so every lane of the team ends with the whole-row result
+// (SPEC §2.6).
+#pragma once
+
+typedef unsigned char u8;
+typedef unsigned short u16;
+typedef unsigned int u32;
+typedef unsigned long long u64;
+typedef long long i64;
+
+// Storage tags for 16-bit float inputs (template arguments; the bits are the value).
+struct bf16_t { u16 bits; };
+struct f16_t { u16 bits; };
+
+#define CUKV_FULL_MASK 0xffffffffu
+#define CUKV_S_MIN (1.0f / 229376.0f)   // RN_f32(1/229376): the smallest FP8 scale (SPEC §1.1)
+
+// ------------------------------------------------------------------------------------ conversions
+__device__ __forceinline__ float bf16_to_f32(u16 b) { return __uint_as_float(((u32)b) << 16); }
+
+__device__ __forceinline__ u16 f32_to_bf16(float f) {
+  u16 r;
+  asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(r) : "f"(f));
+  return r;
+}
+
+// Two floats -> one word of two bf16: lo in bits 0-15 (the lower address), hi in bits 16-31.
+__device__ __forceinline__ u32 pack_bf16x2(float lo, float hi) {
+  u32 r;
+  asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+  return r;
+}
+
+__device__ __forceinline__ float f16_to_f32(u16 h) {
+  float f;
+  asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+  return f;
+}
+
+__device__ __forceinline__ u16 f32_to_f16(float f) {
+  u16 r;
+  asm("cvt.rn.f16.f32 %0, %1;" : "=h"(r) : "f"(f));
+  return r;
+}
+
+// RN_f16(a*b + c) with one rounding (an fp16 fma), on fp16 bit patterns.
+__device__ __forceinline__ u16 f16_fma(u16 a, u16 b, u16 c) {
+  u16 r;
+  asm("fma.rn.f16 %0, %1, %2, %3;" : "=h"(r) : "h"(a), "h"(b), "h"(c));
+  return r;
+}
+
+// Small unsigned integer (0..15) -> fp16 bits, exact.
+__device__ __forceinline__ u16 u4_to_f16(u32 q) {
+  u16 r;
+  asm("cvt.rn.f16.u32 %0, %1;" : "=h"(r) : "r"(q));
+  return r;
+}
+
+template <typename T> __device__ __forceinline__ float to_f32(T v);
+template <> __device__ __forceinline__ float to_f32<float>(float v) { return v; }
+template <> __device__ __forceinline__ float to_f32<bf16_t>(bf16_t v) { return bf16_to_f32(v.bits); }
+template <> __device__ __forceinline__ float to_f32<f16_t>(f16_t v) { return f16_to_f32(v.bits); }
+
+// e4m3fn: 1 sign, 4 exponent (bias 7), 3 mantissa bits; 0x7F/0xFF NaN; max finite 448 (0x7E).
+// Encode fp32 -> e4m3fn, round to nearest even, saturating (|v| >= 448 and +-inf -> +-448), NaN -> 0x7F
+// (the convention of CUDA's __nv_fp8_e4m3 converter; SPEC §11.4). Integer-only, any architecture.
+__device__ __forceinline__ u32 f32_to_e4m3(float v) {
+  const u32 b = __float_as_uint(v);
+  const u32 sign = (b >> 24) & 0x80u;
+  const u32 a = b & 0x7fffffffu;
+  if (a > 0x7f800000u) return 0x7fu;              // NaN
+  if (a >= 0x43e00000u) return sign | 0x7eu;      // |v| >= 448 (incl. inf): saturate
+  if (a < 0x3c800000u) {                          // |v| < 2^-6: subnormal range, step 2^-9
+    // |v| * 2^9 is exact; rint rounds half to even. Result 0..8 (8 = the smallest normal, 0x08).
+    const float q = rintf(__uint_as_float(a) * 512.0f);
+    return sign | (u32)q;
+  }
+  // Normal: keep 3 mantissa bits with round-to-nearest-even on the fp32 bit pattern, then rebias
+  // the exponent from 127 to 7 (subtract 120 << 3 from the 8+3 bit field).
+  const u32 r = (a + 0x7ffffu + ((a >> 20) & 1u)) >> 20;
+  const u32 c = r - (120u << 3);
+  return sign | (c > 0x7eu ? 0x7eu : c);
+}
+
+// Decode e4m3fn -> fp32 (exact). Subnormal codes become fp32 subnormals times 2^120 (no FTZ).
+__device__ __forceinline__ float e4m3_to_f32(u32 c) {
+  const u32 m = c & 0x7fu;
+  const u32 sign = (c & 0x80u) << 24;
+  if (m == 0x7fu) return __uint_as_float(sign | 0x7fc00000u);
+  const float v = __uint_as_float(m << 20) * 0x1p120f;
+  return __uint_as_float(__float_as_uint(v) | sign);
+}
+
+// NaN-propagating clamp to [-448, 448] (comparisons are false for NaN; fminf/fmaxf would drop it).
+__device__ __forceinline__ float clamp448(float v) {
+  return v > 448.0f ? 448.0f : (v < -448.0f ? -448.0f : v);
+}
+
+__device__ __forceinline__ bool is_finite(float v) {
+  return (__float_as_uint(v) & 0x7f800000u) != 0x7f800000u;
+}
+
+// ------------------------------------------------------------------------------------ team reductions
+template <int W> __device__ __forceinline__ float team_max(float v) {
+#pragma unroll
+  for (int o = W / 2; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(CUKV_FULL_MASK, v, o));
+  return v;
+}
+template <int W> __device__ __forceinline__ float team_min(float v) {
+#pragma unroll
+  for (int o = W / 2; o > 0; o >>= 1) v = fminf(v, __shfl_xor_sync(CUKV_FULL_MASK, v, o));
+  return v;
+}
+template <int W> __device__ __forceinline__ float team_sum(float v) {
+#pragma unroll
+  for (int o = W / 2; o > 0; o >>= 1) v = __fadd_rn(v, __shfl_xor_sync(CUKV_FULL_MASK, v, o));
+  return v;
+}
+template <int W> __device__ __forceinline__ u32 team_or(u32 v) {
+#pragma unroll
+  for (int o = W / 2; o > 0; o >>= 1) v |= __shfl_xor_sync(CUKV_FULL_MASK, v, o);
+  return v;
+}
+
+// ------------------------------------------------------------------------------------ chunk I/O
+// Load 8 consecutive elements starting at p (an element pointer) as floats. VEC: 16-byte loads
+// (the host checked the alignment); otherwise element loads.
+template <typename T, bool VEC> struct Chunk;
+
+template <bool VEC> struct Chunk<bf16_t, VEC> {
+  static __device__ __forceinline__ void load(const bf16_t* p, float (&f)[8]) {
+    if (VEC) {
+      const uint4 u = *reinterpret_cast<const uint4*>(p);
+      const u32 w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        f[2 * k] = __uint_as_float(w[k] << 16);
+        f[2 * k + 1] = __uint_as_float(w[k] & 0xffff0000u);
+      }
+    } else {
+#pragma unroll
+      for (int k = 0; k < 8; ++k) f[k] = bf16_to_f32(p[k].bits);
+    }
+  }
+};
+
+template <bool VEC> struct Chunk<f16_t, VEC> {
+  static __device__ __forceinline__ void load(const f16_t* p, float (&f)[8]) {
+    if (VEC) {
+      const uint4 u = *reinterpret_cast<const uint4*>(p);
+      const u32 w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        f[2 * k] = f16_to_f32((u16)(w[k] & 0xffffu));
+        f[2 * k + 1] = f16_to_f32((u16)(w[k] >> 16));
+      }
+    } else {
+#pragma unroll
+      for (int k = 0; k < 8; ++k) f[k] = f16_to_f32(p[k].bits);
+    }
+  }
+};
+
+template <bool VEC> struct Chunk<float, VEC> {
+  static __device__ __forceinline__ void load(const float* p, float (&f)[8]) {
+    if (VEC) {
+      const float4 a = reinterpret_cast<const float4*>(p)[0];
+      const float4 b = reinterpret_cast<const float4*>(p)[1];
+      f[0] = a.x; f[1] = a.y; f[2] = a.z; f[3] = a.w;
+      f[4] = b.x; f[5] = b.y; f[6] = b.z; f[7] = b.w;
+    } else {
+#pragma unroll
+      for (int k = 0; k < 8; ++k) f[k] = p[k];
+    }
+  }
+};
+
+// Store 8 floats as bf16 at p (u16 element pointer); VEC: one 16-byte store.
+template <bool VEC>
+__device__ __forceinline__ void store_bf16x8(u16* p, const float (&f)[8]) {
+  if (VEC) {
+    uint4 u;
+    u.x = pack_bf16x2(f[0], f[1]);
+    u.y = pack_bf16x2(f[2], f[3]);
+    u.z = pack_bf16x2(f[4], f[5]);
+    u.w = pack_bf16x2(f[6], f[7]);
+    *reinterpret_cast<uint4*>(p) = u;
+  } else {
+#pragma unroll
+    for (int k = 0; k < 8; ++k) p[k] = f32_to_bf16(f[k]);
+  }
+}
+
+// Store 8 bytes at p; VEC: two 4-byte stores (p is 4-byte aligned).
+template <bool VEC>
+__device__ __forceinline__ void store_u8x8(u8* p, u32 lo, u32 hi) {
+  if (VEC) {
+    reinterpret_cast<u32*>(p)[0] = lo;
+    reinterpret_cast<u32*>(p)[1] = hi;
+  } else {
+#pragma unroll
+    for (int k = 0; k < 4; ++k) { p[k] = (u8)(lo >> (8 * k)); p[4 + k] = (u8)(hi >> (8 * k)); }
+  }
+}
+
+template <bool VEC>
+__device__ __forceinline__ void load_u8x8(const u8* p, u32& lo, u32& hi) {
+  if (VEC) {
+    lo = reinterpret_cast<const u32*>(p)[0];
+    hi = reinterpret_cast<const u32*>(p)[1];
+  } else {
+    lo = hi = 0;
+#pragma unroll
+    for (int k = 0; k < 4; ++k) { lo |= (u32)p[k] << (8 * k); hi |= (u32)p[4 + k] << (8 * k); }
+  }
+}
+
+template <bool VEC>
+__device__ __forceinline__ void store_u32(u8* p, u32 v) {
+  if (VEC) {
+    *reinterpret_cast<u32*>(p) = v;
+  } else {
+#pragma unroll
+    for (int k = 0; k < 4; ++k) p[k] = (u8)(v >> (8 * k));
+  }
+}
+
+template <bool VEC>
+__device__ __forceinline__ u32 load_u32(const u8* p) {
+  if (VEC) return *reinterpret_cast<const u32*>(p);
+  u32 v = 0;
+#pragma unroll
+  for (int k = 0; k < 4; ++k) v |= (u32)p[k] << (8 * k);
+  return v;
+}
