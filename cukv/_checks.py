@@ -138,3 +138,117 @@ def check_index_contents(op: str, arg: str, a, lo: int, hi: int, *, allow: tuple
     rng = what or f"in [{lo}, {hi}){allowed}"
     idx = ", ".join(str(int(j)) for j in i)
     fail(op, f"{arg}[{idx}]", rng, str(int(a_h[i])))
+
+
+# ------------------------------------------------------------------------------------ KV caches
+class CacheGeom:
+    """What :func:`check_cache` learned about a K/V cache pair (SPEC §2.1, §3).
+
+    Attributes: ``fmt`` (format string), ``kind``, ``groups``, ``D``, ``R``, ``n_kv_heads``,
+    ``paged``, ``B`` (lanes: ``cache.shape[0]``, or ``block_tables.shape[0]`` when paged),
+    ``capacity`` (``MAX_T``, or ``max_pages * page_size``), ``page_size``, ``n_pages`` (``P``, paged),
+    ``rows`` (``cache.shape[1]``), ``external`` (fp8 words in ``qparam_k``/``qparam_v``).
+    """
+
+    __slots__ = ("fmt", "kind", "groups", "D", "R", "n_kv_heads", "paged", "B", "capacity",
+                 "page_size", "n_pages", "rows", "external")
+
+    def __init__(self, **kw):
+        for k, v in kw.items():
+            setattr(self, k, v)
+
+    def __repr__(self):
+        return "CacheGeom(" + ", ".join(f"{k}={getattr(self, k)!r}" for k in self.__slots__) + ")"
+
+
+def cache_format(op: str, cache, fmt, arg: str = "cache_k") -> str:
+    """The format of a cache: ``fmt`` if given, else ``"bf16"`` for a bfloat16 cache.
+
+    uint8 caches need ``fmt`` because row sizes are ambiguous (SPEC §2.1).
+    """
+    from .formats import parse_format  # noqa: PLC0415
+
+    if fmt is not None:
+        kind, _ = parse_format(fmt, op)
+        want = BF16 if kind == "bf16" else U8
+        check_dtype(op, arg, cache, want)
+        return fmt
+    if cache.dtype == BF16:
+        return "bf16"
+    if cache.dtype == U8:
+        raise ValueError(f"{op}: fmt: expected a format string for a uint8 cache (row sizes are "
+                         f"ambiguous, e.g. 'fp8' with D=64 and 'int4' with D=128 both give 68 bytes), "
+                         f"got None for {arg} {describe(cache)}")
+    fail(op, arg, "bfloat16 or uint8", describe(cache), TypeError)
+
+
+def check_cache(op: str, cache_k, cache_v, fmt, D: int, *, block_tables=None, page_size: int = 64,
+                qparam_k=None, qparam_v=None, written: bool = True) -> CacheGeom:
+    """Validate a K/V cache pair (host-side checks only) and return its :class:`CacheGeom`.
+
+    ``cache_v`` may be None (K only). ``qparam_k``/``qparam_v``: int32 ``cache.shape[:3]`` for external
+    ``fp8``; float32 ``[B, N_KVH]`` for ``fp8_head`` (required there); None otherwise. ``written``:
+    caches (and qparams) must be C-contiguous.
+    """
+    from .formats import parse_format, row_bytes  # noqa: PLC0415
+
+    fmt = cache_format(op, cache_k, fmt)
+    kind, g = parse_format(fmt, op)
+    if cache_v is not None:
+        check_dtype(op, "cache_v", cache_v, cache_k.dtype)
+    external = kind == "fp8" and qparam_k is not None
+    R = row_bytes(fmt, D, external) if D > 0 and D % 8 == 0 else None
+    if R is None:
+        fail(op, "D", "a head dimension with D % 8 == 0", str(D))
+    if isinstance(page_size, bool) or not isinstance(page_size, (int, np.integer)) or page_size < 1:
+        fail(op, "page_size", "an integer >= 1", repr(page_size))
+    page_size = int(page_size)
+    paged = block_tables is not None
+    unit = "elements" if kind == "bf16" else "bytes"
+    if paged:
+        shape = (1, None, None, R)
+        what = f"[1, P*{page_size}, N_KVH, {R}] ({R} {unit} per row for fmt {fmt!r} and D={D})"
+    else:
+        shape = (None, None, None, R)
+        what = f"[B, MAX_T, N_KVH, {R}] ({R} {unit} per row for fmt {fmt!r} and D={D})"
+    dt = BF16 if kind == "bf16" else U8
+    check_array(op, "cache_k", cache_k, dt, shape, what)
+    if cache_v is not None and tuple(cache_v.shape) != tuple(cache_k.shape):
+        fail(op, "cache_v", f"the shape of cache_k {describe(cache_k)}", describe(cache_v))
+    if written:
+        check_c_contiguous(op, "cache_k", cache_k)
+        if cache_v is not None:
+            check_c_contiguous(op, "cache_v", cache_v)
+    rows, n_kv = int(cache_k.shape[1]), int(cache_k.shape[2])
+    n_pages = 0
+    if paged:
+        if rows % page_size:
+            fail(op, "cache_k", f"shape[1] a multiple of page_size={page_size}", describe(cache_k))
+        n_pages = rows // page_size
+        check_dtype(op, "block_tables", block_tables, I32)
+        if block_tables.ndim != 2:
+            fail(op, "block_tables", "int32 [B, max_pages]", describe(block_tables))
+        B = int(block_tables.shape[0])
+        capacity = int(block_tables.shape[1]) * page_size
+    else:
+        B, capacity = int(cache_k.shape[0]), rows
+    for name, qp in (("qparam_k", qparam_k), ("qparam_v", qparam_v)):
+        if kind == "fp8" and qp is not None:
+            check_array(op, name, qp, I32, tuple(cache_k.shape[:3]),
+                        f"int32 {list(cache_k.shape[:3])} (external fp8 qparams, cache.shape[:3])")
+        elif kind == "fp8_head":
+            if qp is None:
+                if name == "qparam_v" and cache_v is None:
+                    continue
+                fail(op, name, f"float32 [B={B}, N_KVH={n_kv}] scales for fmt 'fp8_head'", "None")
+            check_array(op, name, qp, F32, (B, n_kv), f"float32 [B={B}, N_KVH={n_kv}]")
+        elif qp is not None:
+            fail(op, name, f"None for fmt {fmt!r}", describe(qp))
+        if qp is not None and written:
+            check_c_contiguous(op, name, qp)
+    if kind == "fp8" and (qparam_k is None) != (qparam_v is None) and cache_v is not None:
+        fail(op, "qparam_v", "external qparams for both caches or for neither",
+             "None" if qparam_v is None else describe(qparam_v))
+    return CacheGeom(fmt=fmt, kind=kind, groups=g, D=int(D), R=R, n_kv_heads=n_kv, paged=paged, B=B,
+                     capacity=capacity, page_size=page_size, n_pages=n_pages, rows=rows,
+                     external=external)

@@ -70,7 +70,7 @@ class Family:
         self.source = source
         self.expressions = tuple(dict.fromkeys(expressions))
         self.exact = exact
-        self._module = None
+        self._modules: dict[str, object] = {}
         _FAMILIES[source] = self
 
     def code(self) -> str:
@@ -83,22 +83,29 @@ class Family:
             opts.append("--fmad=false")
         return tuple(opts)
 
-    def module(self):
-        """The memoized ``cupy.RawModule`` (compiled on first call)."""
-        if self._module is None:
+    def module(self, expr: str):
+        """The memoized ``cupy.RawModule`` holding instantiation ``expr``.
+
+        Each instantiation compiles on first use into its own module (CuPy caches it on disk), so a
+        call pays only for the kernels it needs; the compile gate builds all of them at once.
+        """
+        mod = self._modules.get(expr)
+        if mod is None:
             with _LOCK:
-                if self._module is None:
+                mod = self._modules.get(expr)
+                if mod is None:
                     cp = _backend.cupy()
-                    self._module = cp.RawModule(code=self.code(), options=self.options(),
-                                                name_expressions=self.expressions, backend="nvrtc")
-        return self._module
+                    mod = cp.RawModule(code=self.code(), options=self.options(),
+                                       name_expressions=(expr,), backend="nvrtc")
+                    self._modules[expr] = mod
+        return mod
 
     def kernel(self, name: str, *targs):
         """The ``cupy.RawKernel`` for ``name<targs...>``; it must have been declared."""
         expr = expression(name, *targs)
         if expr not in self.expressions:
             raise RuntimeError(f"cukv internal error: {expr!r} is not declared in {self.source}")
-        return self.module().get_function(expr)
+        return self.module(expr).get_function(expr)
 
 
 def launch(kernel, grid, block, args, shared_mem: int = 0) -> None:
@@ -107,6 +114,7 @@ def launch(kernel, grid, block, args, shared_mem: int = 0) -> None:
     for a in args:
         if isinstance(a, (int, float, bool)):
             raise TypeError(f"cukv internal error: kernel scalar {a!r} must be a numpy scalar")
+    args = tuple(np.uint64(0) if a is None else a for a in args)   # None: a null pointer
     grid = tuple(int(g) for g in (grid if isinstance(grid, tuple) else (grid,)))
     block = tuple(int(b) for b in (block if isinstance(block, tuple) else (block,)))
     if min(grid) <= 0:
@@ -186,8 +194,30 @@ def _main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(_main())
+    # Run through the package's module object, where the op modules register their families.
+    from cukv._compile import _main as _package_main  # noqa: PLC0415
 
+    raise SystemExit(_package_main())
+
+
+def team_shape(D: int) -> tuple[int, int]:
+    """``(W, V)`` for a row of ``D`` elements (``D % 8 == 0``): W lanes, V chunks of 8 per lane.
+
+    Up to 32 chunks, one chunk per lane on the smallest power-of-two team; beyond, a full warp with a
+    power-of-two number of chunks per lane. Rows of up to ``32 * 8 * MAX_V`` elements.
+    """
+    n = max(1, D // 8)
+    if n <= 32:
+        return 1 << (n - 1).bit_length(), 1
+    v = -(-n // 32)
+    v = 1 << (v - 1).bit_length()
+    if v > MAX_V:
+        raise ValueError(f"row of {D} elements exceeds the GPU row limit of {32 * 8 * MAX_V}")
+    return 32, v
+
+
+MAX_V = 32
+TEAM_SHAPES = tuple([(1 << i, 1) for i in range(6)] + [(32, 1 << i) for i in range(1, 6)])
 
 # Kernel scalars: the only spellings ops should use.
 i32 = np.int32

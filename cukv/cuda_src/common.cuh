@@ -21,6 +21,9 @@ struct bf16_t { u16 bits; };
 struct f16_t { u16 bits; };
 
 #define CUKV_FULL_MASK 0xffffffffu
+// Loops over a lane's V chunks unroll fully up to 4 chunks (rows of up to 1024 elements, every KV head
+// size); longer rows keep the loop, so compile time stays bounded and the rare long row still works.
+#define CUKV_UNROLL_V (V <= 4 ? V : 1)
 #define CUKV_S_MIN (1.0f / 229376.0f)   // RN_f32(1/229376): the smallest FP8 scale (SPEC §1.1)
 
 // ------------------------------------------------------------------------------------ conversions
@@ -110,24 +113,36 @@ __device__ __forceinline__ bool is_finite(float v) {
 }
 
 // ------------------------------------------------------------------------------------ team reductions
+// A team is W consecutive lanes starting at a multiple of W. team_mask() is the shuffle mask of the
+// calling lane's team, so a whole team may leave early without stalling the other teams of its warp.
+template <int W> __device__ __forceinline__ u32 team_mask() {
+  if (W >= 32) return CUKV_FULL_MASK;
+  const u32 base = (threadIdx.x & 31u) & ~(u32)(W - 1);
+  return ((1u << W) - 1u) << base;
+}
 template <int W> __device__ __forceinline__ float team_max(float v) {
+  const u32 m = team_mask<W>();
 #pragma unroll
-  for (int o = W / 2; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(CUKV_FULL_MASK, v, o));
+  for (int o = W / 2; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(m, v, o));
   return v;
 }
 template <int W> __device__ __forceinline__ float team_min(float v) {
+  const u32 m = team_mask<W>();
 #pragma unroll
-  for (int o = W / 2; o > 0; o >>= 1) v = fminf(v, __shfl_xor_sync(CUKV_FULL_MASK, v, o));
+  for (int o = W / 2; o > 0; o >>= 1) v = fminf(v, __shfl_xor_sync(m, v, o));
   return v;
 }
+// Sum: every lane ends with the same value (a+b == b+a in IEEE), summation order fixed by W.
 template <int W> __device__ __forceinline__ float team_sum(float v) {
+  const u32 m = team_mask<W>();
 #pragma unroll
-  for (int o = W / 2; o > 0; o >>= 1) v = __fadd_rn(v, __shfl_xor_sync(CUKV_FULL_MASK, v, o));
+  for (int o = W / 2; o > 0; o >>= 1) v = __fadd_rn(v, __shfl_xor_sync(m, v, o));
   return v;
 }
 template <int W> __device__ __forceinline__ u32 team_or(u32 v) {
+  const u32 m = team_mask<W>();
 #pragma unroll
-  for (int o = W / 2; o > 0; o >>= 1) v |= __shfl_xor_sync(CUKV_FULL_MASK, v, o);
+  for (int o = W / 2; o > 0; o >>= 1) v |= __shfl_xor_sync(m, v, o);
   return v;
 }
 

@@ -1,0 +1,188 @@
+"""The row codec: ``cukv.quantize`` / ``cukv.dequantize`` (SPEC §2.7).
+
+Kernels: ``cuda_src/codec.cu`` (one team of lanes per row, rows.cuh encoders/decoders).
+Reference: :mod:`cukv.ref.codec`.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from . import _backend, _checks, _compile
+from .formats import check_head_dim, head_dim_from_row, parse_format
+from .ref import codec as ref
+
+__all__ = ["quantize", "dequantize"]
+
+FMT_CODE = {"bf16": 0, "fp8": 1, "fp8_head": 2, "int4": 3}
+IN_TYPES = {_checks.BF16: "bf16_t", _checks.F16: "f16_t", _checks.F32: "float"}
+_FMT_G = [(0, 1), (1, 1), (2, 1), (3, 1), (3, 2), (3, 4), (3, 8)]
+
+_CODEC = _compile.Family("codec.cu", [
+    *(_compile.expression("quantize_rows", t, f, g, w, v)
+      for t in IN_TYPES.values() for f, g in _FMT_G for w, v in _compile.TEAM_SHAPES),
+    *(_compile.expression("dequantize_rows", f, g, w, v)
+      for f, g in _FMT_G for w, v in _compile.TEAM_SHAPES),
+])
+_BLOCK = 256
+
+
+def fmt_targs(fmt: str) -> tuple[int, int]:
+    """``(FMT code, G)`` template arguments of a format (G = 1 for non-INT4 formats)."""
+    kind, g = parse_format(fmt)
+    return FMT_CODE[kind], max(g, 1)
+
+
+def _row_scale(op, scale, lead, xp):
+    """fp8_head ``scale`` (float32, broadcastable to ``lead``) -> contiguous float32 ``[prod(lead)]``."""
+    if scale is None:
+        raise ValueError(f"{op}: scale: expected a float32 array broadcastable to {list(lead)} for "
+                         "fmt 'fp8_head', got None")
+    _checks.check_dtype(op, "scale", scale, _checks.F32)
+    try:
+        b = xp.broadcast_to(scale, lead)
+    except ValueError:
+        _checks.fail(op, "scale", f"float32 broadcastable to [{', '.join(map(str, lead))}]",
+                     _checks.describe(scale))
+    return b
+
+
+def _aligned(a, n: int) -> bool:
+    return int(a.data.ptr) % n == 0
+
+
+@_backend.op("quantize", arrays=("x", "scale"))
+def quantize(x, fmt, *, external_qparams=False, scale=None):
+    """Quantize rows of ``D`` values into cache rows of format ``fmt``.
+
+    Parameters
+    ----------
+    x : bfloat16, float16 or float32 ``[..., D]``
+        Any leading shape and strides; ``D % 8 == 0`` (``int4:gG``: ``D % (2G) == 0``). Values are
+        converted exactly to float32 first.
+    fmt : str
+        ``"bf16"``, ``"fp8"``, ``"fp8_head"``, ``"int4"`` or ``"int4:g{1,2,4,8}"``.
+    external_qparams : bool
+        ``fmt="fp8"`` only: return ``(codes, words)`` instead of inline rows.
+    scale : float32 array broadcastable to ``x.shape[:-1]``
+        ``fmt="fp8_head"`` only (required there): the symmetric scale ``s``.
+
+    Returns
+    -------
+    ``fp8``: uint8 ``[..., D+4]`` (fp16 scale, fp16 shift, D e4m3fn codes), or with external qparams
+    ``(uint8 [..., D], int32 [...])``; ``int4:gG``: uint8 ``[..., D/2 + 4G]``; ``fp8_head``: uint8
+    ``[..., D]``; ``bf16``: bfloat16 ``[..., D]``. Same array module as ``x``.
+
+    Raises
+    ------
+    TypeError
+        Wrong dtype or array module (FP8 ``ml_dtypes`` arrays must be passed as ``.view(np.uint8)``).
+    ValueError
+        Bad ``fmt``, ``D``, ``scale`` shape, or an option that does not apply to ``fmt``.
+
+    Notes
+    -----
+    Bit-exact with :func:`cukv.ref.codec.quantize` (SPEC §2.3-§2.5). A row (fp8) or group (int4) with a
+    non-finite value encodes as NaN qparams (SPEC §11.4). The GPU path handles rows of up to 8192
+    elements; longer rows raise ``ValueError`` (the NumPy path has no limit).
+    """
+    op = "quantize"
+    kind, _ = parse_format(fmt, op)
+    _checks.check_dtype(op, "x", x, (_checks.BF16, _checks.F16, _checks.F32))
+    if x.ndim < 1:
+        _checks.fail(op, "x", "an array [..., D] with at least one axis", _checks.describe(x))
+    D = int(x.shape[-1])
+    check_head_dim(fmt, D, op, "x.shape[-1]")
+    if external_qparams and kind != "fp8":
+        _checks.fail(op, "external_qparams", f"False for fmt {fmt!r} (only 'fp8' has external qparams)",
+                     "True")
+    if scale is not None and kind != "fp8_head":
+        _checks.fail(op, "scale", f"None for fmt {fmt!r} (only 'fp8_head' takes a scale)",
+                     _checks.describe(scale))
+    be = _backend.current()
+    xp = be.xp
+    lead = tuple(int(s) for s in x.shape[:-1])
+    s_b = _row_scale(op, scale, lead, xp) if kind == "fp8_head" else None
+    if not be.gpu:
+        return ref.quantize(np.asarray(x).astype(np.float32), fmt, external_qparams=external_qparams,
+                            scale=s_b)
+    W, V = _compile.team_shape(D)
+    fcode, G = fmt_targs(fmt)
+    x = xp.ascontiguousarray(x)
+    n = int(np.prod(lead, dtype=np.int64))
+    R = D if kind in ("bf16", "fp8_head") or external_qparams else (D + 4 if kind == "fp8" else D // 2 + 4 * G)
+    out = xp.empty(lead + (R,), dtype=_checks.BF16 if kind == "bf16" else np.uint8)
+    words = xp.empty(lead, dtype=np.int32) if external_qparams else None
+    srow = xp.ascontiguousarray(s_b.reshape(-1)) if s_b is not None else None
+    k = _CODEC.kernel("quantize_rows", IN_TYPES[x.dtype], fcode, G, W, V)
+    vec = _aligned(x, 16) and _aligned(out, 16 if kind == "bf16" else 4)
+    _compile.launch(k, (-(-n * W // _BLOCK),), (_BLOCK,),
+                    (x, _compile.i64(n), _compile.i32(D), out, _compile.i32(R), words, srow,
+                     _compile.i32(vec)))
+    return (out, words) if external_qparams else out
+
+
+@_backend.op("dequantize", arrays=("rows", "qparams", "scale"))
+def dequantize(rows, fmt, *, qparams=None, scale=None):
+    """Dequantize cache rows of format ``fmt`` to bfloat16.
+
+    Parameters
+    ----------
+    rows : uint8 ``[..., R]`` (bfloat16 ``[..., D]`` for ``fmt="bf16"``)
+        ``D`` is inferred from ``R`` and ``fmt``: ``fp8`` ``R = D+4`` (``D`` with ``qparams``),
+        ``int4:gG`` ``R = D/2 + 4G``, ``fp8_head`` ``R = D``.
+    fmt : str
+        As for :func:`quantize`.
+    qparams : int32 ``rows.shape[:-1]``, optional
+        External fp8 qparam words (bits 0-15 scale, 16-31 shift, both fp16).
+    scale : float32 broadcastable to ``rows.shape[:-1]``
+        ``fp8_head`` only (required).
+
+    Returns
+    -------
+    bfloat16 ``[..., D]``, same module as ``rows``.
+
+    Notes
+    -----
+    ``fp8``: ``RN_bf16(RN_f32(E4M3^-1(q)*scale + shift))``; ``int4``: ``RN_bf16(RN_f16(q*scale + shift))``;
+    ``fp8_head``: ``RN_bf16(RN_f32(E4M3^-1(q)*s))``. NaN codes or qparams give NaN only in their row or
+    group. Bit-exact with :func:`cukv.ref.codec.dequantize`.
+    """
+    op = "dequantize"
+    kind, _ = parse_format(fmt, op)
+    _checks.check_dtype(op, "rows", rows, _checks.BF16 if kind == "bf16" else _checks.U8)
+    if rows.ndim < 1:
+        _checks.fail(op, "rows", "an array [..., R] with at least one axis", _checks.describe(rows))
+    if qparams is not None and kind != "fp8":
+        _checks.fail(op, "qparams", f"None for fmt {fmt!r} (only 'fp8' has external qparams)",
+                     _checks.describe(qparams))
+    if scale is not None and kind != "fp8_head":
+        _checks.fail(op, "scale", f"None for fmt {fmt!r} (only 'fp8_head' takes a scale)",
+                     _checks.describe(scale))
+    R = int(rows.shape[-1])
+    D = head_dim_from_row(fmt, R, qparams is not None)
+    lead = tuple(int(s) for s in rows.shape[:-1])
+    if D <= 0 or D % 8 or (kind == "int4" and D % (2 * parse_format(fmt)[1])):
+        _checks.fail(op, "rows", f"a last axis R that is a valid {fmt!r} row size "
+                     f"(D % 8 == 0{', D/2 + 4G' if kind == 'int4' else ''})", _checks.describe(rows))
+    if qparams is not None:
+        _checks.check_array(op, "qparams", qparams, _checks.I32, lead, f"[{', '.join(map(str, lead))}]")
+    be = _backend.current()
+    xp = be.xp
+    s_b = _row_scale(op, scale, lead, xp) if kind == "fp8_head" else None
+    if not be.gpu:
+        return ref.dequantize(np.asarray(rows), fmt, qparams=qparams, scale=s_b)
+    if kind == "bf16":
+        return rows.copy()
+    W, V = _compile.team_shape(D)
+    fcode, G = fmt_targs(fmt)
+    rows = xp.ascontiguousarray(rows)
+    words = xp.ascontiguousarray(qparams) if qparams is not None else None
+    srow = xp.ascontiguousarray(s_b.reshape(-1)) if s_b is not None else None
+    n = int(np.prod(lead, dtype=np.int64))
+    out = xp.empty(lead + (D,), dtype=_checks.BF16)
+    k = _CODEC.kernel("dequantize_rows", fcode, G, W, V)
+    vec = _aligned(rows, 4) and _aligned(out, 16)
+    _compile.launch(k, (-(-n * W // _BLOCK),), (_BLOCK,),
+                    (rows, _compile.i64(n), _compile.i32(D), _compile.i32(R), words, srow, out,
+                     _compile.i32(vec)))
+    return out

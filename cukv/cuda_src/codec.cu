@@ -1,0 +1,52 @@
+// cukv/cuda_src/codec.cu: the row codec, cukv.quantize / cukv.dequantize (SPEC §2.7).
+//
+// quantize_rows<InT, FMT, G, W, V>: n_rows rows of D elements (InT = bf16_t / f16_t / float, C-contiguous)
+//   -> n_rows rows of R bytes in FMT (rows.cuh gives the byte layout). fp8 with `words` non-null writes
+//   the qparam word there (external) and R = D; fp8_head reads one float32 scale per row.
+// dequantize_rows<FMT, G, W, V>: the inverse, to bf16 rows of D elements.
+// One team of W lanes per row; lanes hold V chunks of 8 elements. `vec` selects 16-byte (input) and
+// 4/16-byte (output) accesses; the host sets it when every base pointer is aligned for them.
+#include "rows.cuh"
+
+template <typename InT, int FMT, int G, int W, int V>
+__global__ void quantize_rows(const InT* __restrict__ x, i64 n_rows, int D, u8* __restrict__ out, int R,
+                              int* __restrict__ words, const float* __restrict__ scale, int vec) {
+  const i64 row = ((i64)blockIdx.x * blockDim.x + threadIdx.x) / W;
+  const int lane = threadIdx.x % W;
+  if (row >= n_rows) return;  // whole teams leave together (team_mask keeps the others going)
+  const InT* src = x + row * (i64)D;
+  float y[V][8];
+#pragma unroll CUKV_UNROLL_V
+  for (int c = 0; c < V; ++c) {
+    if (!chunk_valid<W>(c, lane, D)) continue;
+    if (vec) Chunk<InT, true>::load(src + chunk_elem<W>(c, lane), y[c]);
+    else Chunk<InT, false>::load(src + chunk_elem<W>(c, lane), y[c]);
+  }
+  u8* dst = out + row * (i64)R;
+  int* w = words ? words + row : nullptr;
+  const float inv = FMT == FMT_FP8_HEAD ? __frcp_rn(scale[row]) : 0.0f;
+  if (vec) encode_row<FMT, G, W, V, true>(y, D, lane, dst, w, inv);
+  else encode_row<FMT, G, W, V, false>(y, D, lane, dst, w, inv);
+}
+
+template <int FMT, int G, int W, int V>
+__global__ void dequantize_rows(const u8* __restrict__ rows, i64 n_rows, int D, int R,
+                                const int* __restrict__ words, const float* __restrict__ scale,
+                                u16* __restrict__ out, int vec) {
+  const i64 row = ((i64)blockIdx.x * blockDim.x + threadIdx.x) / W;
+  const int lane = threadIdx.x % W;
+  if (row >= n_rows) return;
+  const u8* src = rows + row * (i64)R;
+  const int* w = words ? words + row : nullptr;
+  const float s = FMT == FMT_FP8_HEAD ? scale[row] : 0.0f;
+  float x[V][8];
+  if (vec) decode_row<FMT, G, W, V, true>(src, w, s, D, lane, x);
+  else decode_row<FMT, G, W, V, false>(src, w, s, D, lane, x);
+  u16* dst = out + row * (i64)D;
+#pragma unroll CUKV_UNROLL_V
+  for (int c = 0; c < V; ++c) {
+    if (!chunk_valid<W>(c, lane, D)) continue;
+    if (vec) store_bf16x8<true>(dst + chunk_elem<W>(c, lane), x[c]);
+    else store_bf16x8<false>(dst + chunk_elem<W>(c, lane), x[c]);
+  }
+}
