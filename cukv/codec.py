@@ -115,8 +115,9 @@ def quantize(x, fmt, *, external_qparams=False, scale=None):
     srow = xp.ascontiguousarray(s_b.reshape(-1)) if s_b is not None else None
     k = _CODEC.kernel("quantize_rows", IN_TYPES[x.dtype], fcode, G, W, V)
     vec = _aligned(x, 16) and _aligned(out, 16 if kind == "bf16" else 4)
+    row_stride = out.itemsize * R   # bytes per output row
     _compile.launch(k, (-(-n * W // _BLOCK),), (_BLOCK,),
-                    (x, _compile.i64(n), _compile.i32(D), out, _compile.i32(R), words, srow,
+                    (x, _compile.i64(n), _compile.i32(D), out, _compile.i32(row_stride), words, srow,
                      _compile.i32(vec)))
     return (out, words) if external_qparams else out
 

@@ -1,7 +1,7 @@
 // cukv/cuda_src/codec.cu: the row codec, cukv.quantize / cukv.dequantize (SPEC §2.7).
 //
 // quantize_rows<InT, FMT, G, W, V>: n_rows rows of D elements (InT = bf16_t / f16_t / float, C-contiguous)
-//   -> n_rows rows of R bytes in FMT (rows.cuh gives the byte layout). fp8 with `words` non-null writes
+//   -> n_rows rows of R bytes in FMT (2D bytes for bf16) (rows.cuh gives the byte layout). fp8 with `words` non-null writes
 //   the qparam word there (external) and R = D; fp8_head reads one float32 scale per row.
 // dequantize_rows<FMT, G, W, V>: the inverse, to bf16 rows of D elements.
 // One team of W lanes per row; lanes hold V chunks of 8 elements. `vec` selects 16-byte (input) and
