@@ -64,13 +64,17 @@ class Family:
     exact : bool
         ``True`` for bit-exact paths (SPEC §1.1): compiled with ``--fmad=false`` so no ``a*b+c``
         is contracted. Attention kernels pass ``False``.
+
+    Every family compiles with IEEE denormals (``-ftz=false``), correctly rounded division and square
+    root: CuPy's own compile path appends ``-ftz=true``, which would flush e4m3 and bf16 subnormals, so
+    cukv runs NVRTC itself and loads the cubin with ``cupy.RawModule(path=...)``.
     """
 
     def __init__(self, source: str, expressions, *, exact: bool = True):
         self.source = source
         self.expressions = tuple(dict.fromkeys(expressions))
         self.exact = exact
-        self._modules: dict[str, object] = {}
+        self._modules: dict[tuple[str, int], tuple[object, str]] = {}
         _FAMILIES[source] = self
 
     def code(self) -> str:
@@ -78,34 +82,92 @@ class Family:
         return f'#line 1 "cukv/cuda_src/{self.source}"\n{text}'
 
     def options(self) -> tuple[str, ...]:
-        opts = ["--std=c++17", f"-I{SRC_DIR}", f"-DCUKV_SRC_DIGEST=0x{source_digest()}ULL"]
+        opts = ["--std=c++17", f"-I{SRC_DIR}", f"-DCUKV_SRC_DIGEST=0x{source_digest()}ULL",
+                "-ftz=false", "-prec-div=true", "-prec-sqrt=true"]
         if self.exact:
             opts.append("--fmad=false")
         return tuple(opts)
 
-    def module(self, expr: str):
-        """The memoized ``cupy.RawModule`` holding instantiation ``expr``.
-
-        Each instantiation compiles on first use into its own module (CuPy caches it on disk), so a
-        call pays only for the kernels it needs; the compile gate builds all of them at once.
-        """
-        mod = self._modules.get(expr)
-        if mod is None:
-            with _LOCK:
-                mod = self._modules.get(expr)
-                if mod is None:
-                    cp = _backend.cupy()
-                    mod = cp.RawModule(code=self.code(), options=self.options(),
-                                       name_expressions=(expr,), backend="nvrtc")
-                    self._modules[expr] = mod
-        return mod
-
     def kernel(self, name: str, *targs):
-        """The ``cupy.RawKernel`` for ``name<targs...>``; it must have been declared."""
+        """The ``cupy.RawKernel`` for ``name<targs...>`` on the current device; it must be declared.
+
+        Each instantiation compiles on first use into its own cubin (cached on disk under
+        ``$CUKV_CACHE_DIR`` or ``~/.cache/cukv``), so a call pays only for the kernels it needs.
+        """
         expr = expression(name, *targs)
         if expr not in self.expressions:
             raise RuntimeError(f"cukv internal error: {expr!r} is not declared in {self.source}")
-        return self.module(expr).get_function(expr)
+        cp = _backend.cupy()
+        arch = "sm_" + cp.cuda.Device().compute_capability
+        key = (expr, arch)
+        hit = self._modules.get(key)
+        if hit is None:
+            with _LOCK:
+                hit = self._modules.get(key)
+                if hit is None:
+                    path, lowered = _cached_cubin(self, expr, arch)
+                    hit = (cp.RawModule(path=str(path)), lowered)
+                    self._modules[key] = hit
+        mod, lowered = hit
+        return mod.get_function(lowered)
+
+
+def _cache_dir() -> Path:
+    import os  # noqa: PLC0415
+
+    d = os.environ.get("CUKV_CACHE_DIR")
+    return Path(d) if d else Path.home() / ".cache" / "cukv"
+
+
+def nvrtc_compile(fam: Family, expressions, arch: str, *, cubin: bool = True):
+    """Compile ``expressions`` of ``fam`` for ``arch`` with NVRTC (no GPU needed).
+
+    Returns ``(cubin bytes or None, {expression: lowered name})``; raises ``RuntimeError`` with the
+    NVRTC log on failure.
+    """
+    from cupy_backends.cuda.libs import nvrtc  # noqa: PLC0415
+
+    prog = nvrtc.createProgram(fam.code(), fam.source, [], [])
+    try:
+        for e in expressions:
+            nvrtc.addNameExpression(prog, e)
+        opts = [f"-arch={arch}", *fam.options(), *(f"-I{d}" for d in _cuda_include_dirs())]
+        try:
+            nvrtc.compileProgram(prog, opts)
+        except Exception as exc:
+            log = nvrtc.getProgramLog(prog)
+            raise RuntimeError(f"NVRTC failed on {fam.source} for {arch}: {exc}\n{log}") from None
+        lowered = {}
+        for e in expressions:
+            name = nvrtc.getLoweredName(prog, e)
+            if not name:
+                raise RuntimeError(f"{fam.source}: no lowered name for {e!r} on {arch}")
+            lowered[e] = name
+        return (nvrtc.getCUBIN(prog) if cubin else None), lowered
+    finally:
+        nvrtc.destroyProgram(prog)
+
+
+def _cached_cubin(fam: Family, expr: str, arch: str) -> tuple[Path, str]:
+    """Path of the cubin holding ``expr`` for ``arch`` (compiled now if not cached) and its lowered name."""
+    import json  # noqa: PLC0415
+    import os  # noqa: PLC0415
+
+    from cupy_backends.cuda.libs import nvrtc  # noqa: PLC0415
+
+    h = hashlib.sha256("\0".join([fam.code(), expr, arch, *fam.options(),
+                                   str(nvrtc.getVersion())]).encode()).hexdigest()[:32]
+    d = _cache_dir()
+    cub, meta = d / f"{h}.cubin", d / f"{h}.json"
+    if cub.is_file() and meta.is_file():
+        return cub, json.loads(meta.read_text())["lowered"]
+    data, lowered = nvrtc_compile(fam, [expr], arch)
+    d.mkdir(parents=True, exist_ok=True)
+    for path, blob in ((cub, bytes(data)), (meta, json.dumps({"expr": expr, "lowered": lowered[expr]}).encode())):
+        tmp = path.with_suffix(path.suffix + f".{os.getpid()}.tmp")
+        tmp.write_bytes(blob)
+        os.replace(tmp, path)
+    return cub, lowered[expr]
 
 
 def launch(kernel, grid, block, args, shared_mem: int = 0) -> None:
@@ -151,31 +213,12 @@ def compile_only(arch: str, names=None) -> dict[str, int]:
     Returns ``{source: number of resolved lookup names}``. Raises ``RuntimeError`` with the NVRTC log
     on a compile error or an unresolvable name.
     """
-    from cupy_backends.cuda.libs import nvrtc  # noqa: PLC0415
-
     out = {}
     for src, fam in sorted(families().items()):
         if names is not None and src not in names:
             continue
-        prog = nvrtc.createProgram(fam.code(), src, [], [])
-        try:
-            for e in fam.expressions:
-                nvrtc.addNameExpression(prog, e)
-            opts = [f"-arch={arch}", *fam.options(), *(f"-I{d}" for d in _cuda_include_dirs())]
-            try:
-                nvrtc.compileProgram(prog, opts)
-            except Exception as e:
-                log = nvrtc.getProgramLog(prog)
-                raise RuntimeError(f"NVRTC failed on {src} for {arch}: {e}\n{log}") from None
-            n = 0
-            for e in fam.expressions:
-                lowered = nvrtc.getLoweredName(prog, e)
-                if not lowered:
-                    raise RuntimeError(f"{src}: no lowered name for {e!r} on {arch}")
-                n += 1
-            out[src] = n
-        finally:
-            nvrtc.destroyProgram(prog)
+        _, lowered = nvrtc_compile(fam, fam.expressions, arch, cubin=False)
+        out[src] = len(lowered)
     return out
 
 

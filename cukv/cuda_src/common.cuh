@@ -94,12 +94,13 @@ __device__ __forceinline__ u32 f32_to_e4m3(float v) {
   return sign | (c > 0x7eu ? 0x7eu : c);
 }
 
-// Decode e4m3fn -> fp32 (exact). Subnormal codes become fp32 subnormals times 2^120 (no FTZ).
+// Decode e4m3fn -> fp32 (exact). Normal codes rebias the exponent by integer addition; subnormal
+// codes (exponent field 0) are m * 2^-9, computed from the integer m, so no fp32 subnormal is involved.
 __device__ __forceinline__ float e4m3_to_f32(u32 c) {
   const u32 m = c & 0x7fu;
   const u32 sign = (c & 0x80u) << 24;
   if (m == 0x7fu) return __uint_as_float(sign | 0x7fc00000u);
-  const float v = __uint_as_float(m << 20) * 0x1p120f;
+  const float v = m >= 8u ? __uint_as_float((m << 20) + (120u << 23)) : (float)m * 0x1p-9f;
   return __uint_as_float(__float_as_uint(v) | sign);
 }
 
