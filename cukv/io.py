@@ -43,6 +43,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
+import struct
 import tempfile
 import zipfile
 from dataclasses import dataclass, field
@@ -567,6 +569,9 @@ class _Atomic:
 
     def __exit__(self, et, ev, tb):
         if et is None:
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(self.tmp, 0o666 & ~umask)    # mkstemp (and some writers) make 0600
             os.replace(self.tmp, self.target)
         else:
             try:
@@ -598,7 +603,7 @@ def write_arrays(path, arrays: dict, *, header: dict | None = None) -> None:
     if suf == ".safetensors":
         _need_safetensors()
         from safetensors.numpy import save_file  # noqa: PLC0415
-        bad = [n for n, a in arrays.items() if a.dtype.kind not in "fiub"]
+        bad = [n for n, a in arrays.items() if a.dtype.kind not in "fiub" and a.dtype != BF16]
         if bad:
             raise KVError(f"{path}: .safetensors holds numeric tensors only; entry {bad[0]!r} is "
                           f"{arrays[bad[0]].dtype}; write a .npz instead")
@@ -609,20 +614,45 @@ def write_arrays(path, arrays: dict, *, header: dict | None = None) -> None:
                     zi = zipfile.ZipInfo(f"{name}.npy", date_time=_ZIP_TIME)
                     zi.external_attr = 0o644 << 16
                     with zf.open(zi, "w", force_zip64=True) as f:
-                        np.lib.format.write_array(f, np.ascontiguousarray(a), allow_pickle=False)
+                        np.lib.format.write_array(f, np.asarray(a), allow_pickle=False)
         elif suf == ".npy":
             if len(arrays) != 1:
                 raise KVError(f"{path}: a .npy file holds one array, got {len(arrays)} entries; "
                               "write a .npz instead")
             with open(tmp, "wb") as f:
-                np.lib.format.write_array(f, np.ascontiguousarray(next(iter(arrays.values()))),
+                np.lib.format.write_array(f, np.asarray(next(iter(arrays.values()))),
                                           allow_pickle=False)
         else:
             try:
-                save_file({n: np.ascontiguousarray(a) for n, a in arrays.items()}, str(tmp),
+                save_file({n: np.asarray(a, order="C") for n, a in arrays.items()}, str(tmp),
                           metadata=header or None)
             except Exception as e:
                 raise KVError(f"{path}: cannot write .safetensors ({type(e).__name__}: {e})") from None
+            _canonical_safetensors_header(tmp)
+
+
+def _canonical_safetensors_header(path: Path) -> None:
+    """Rewrite a ``.safetensors`` header with sorted keys, so equal inputs give equal bytes.
+
+    The library keeps ``__metadata__`` in a hash map, whose order changes from run to run. Only the
+    JSON header is rewritten (same entries and offsets, padded with spaces to 8 bytes as the format
+    asks); the tensor bytes are copied unchanged.
+    """
+    with open(path, "rb") as f:
+        n = struct.unpack("<Q", f.read(8))[0]
+        header = json.loads(f.read(n))
+        text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+        text += b" " * (-len(text) % 8)
+        tmp = path.with_name(path.name + ".h")
+        try:
+            with open(tmp, "wb") as g:
+                g.write(struct.pack("<Q", len(text)))
+                g.write(text)
+                shutil.copyfileobj(f, g, 1 << 24)
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
 
 
 def _quantized_dtype(fmt: str) -> np.dtype:
