@@ -6,9 +6,6 @@ SPEC.md is normative for every op.
 """
 from .formats import FORMATS, parse_format, row_bytes, pack_qparams, unpack_qparams  # noqa: F401
 from .codec import quantize, dequantize  # noqa: F401
-try:  # rms_norm lands with cukv.norm
-    from .norm import rms_norm  # noqa: F401
-except ImportError:  # pragma: no cover
-    pass
+from .norm import rms_norm  # noqa: F401
 
 __version__ = "0.1.0"

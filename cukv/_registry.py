@@ -1,6 +1,2 @@
 """Imports every module that declares a kernel family, so ``_compile.families()`` sees them all."""
-from . import codec  # noqa: F401
-try:
-    from . import norm  # noqa: F401
-except ImportError:  # pragma: no cover
-    pass
+from . import codec, norm  # noqa: F401
