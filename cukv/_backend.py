@@ -125,11 +125,140 @@ def resolve(opname: str, named: dict) -> Backend:
     return be if be is not None else Backend("numpy")
 
 
+# ---------------------------------------------------------------------------------- interop
+# Framework tensors (torch, JAX, anything with __dlpack__ / __cuda_array_interface__ / __array__)
+# are converted at the op boundary, without copies, to CuPy (GPU) or NumPy (host) arrays; results
+# are converted back to the caller's kind. Arrays an op writes in place share the caller's memory.
+_DLPACK_CUDA = 2
+_DLPACK_CPU = 1
+
+
+class _Call:
+    """State of one outermost op call that received framework tensors."""
+
+    __slots__ = ("kind", "originals", "stream")
+
+    def __init__(self):
+        self.kind = None          # "torch" or "jax" once a framework tensor is seen
+        self.originals = {}       # id(converted array) -> (converted array, caller's object)
+        self.stream = None        # torch's current CUDA stream pointer, if any
+
+
+_CALL: contextvars.ContextVar[_Call | None] = contextvars.ContextVar("cukv_call", default=None)
+_DEPTH: contextvars.ContextVar[int] = contextvars.ContextVar("cukv_depth", default=0)
+
+
+class FP8Result:
+    """Marks an op result holding e4m3fn codes in uint8: a torch caller gets ``float8_e4m3fn``."""
+
+    __slots__ = ("array",)
+
+    def __init__(self, array):
+        self.array = array
+
+
+def fp8_result(a):
+    """Return ``a`` (uint8 e4m3fn codes the op allocated), marked for the outermost call's caller."""
+    if _DEPTH.get() == 1 and _CALL.get() is not None and _CALL.get().kind == "torch":
+        return FP8Result(a)
+    return a
+
+
+def _torch():
+    import torch  # noqa: PLC0415
+
+    return torch
+
+
+def _to_native(opname: str, argname: str, v, call: _Call):
+    """A framework object -> NumPy/CuPy array sharing its memory (or ``v`` itself if native)."""
+    top = type(v).__module__.partition(".")[0]
+    if top == "torch":
+        torch = _torch()
+        t = v.detach()
+        if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2, getattr(torch, "float8_e4m3fnuz", None),
+                       getattr(torch, "float8_e5m2fnuz", None)):
+            t = t.view(torch.uint8)
+        call.kind = call.kind or "torch"
+        if t.is_cuda:
+            if call.stream is None:
+                call.stream = torch.cuda.current_stream(t.device).cuda_stream
+            cp = cupy()
+            with cp.cuda.Device(t.device.index), cp.cuda.ExternalStream(call.stream):
+                a = cp.from_dlpack(t)
+        elif t.device.type == "cpu":
+            if t.dtype == torch.bfloat16:
+                import ml_dtypes  # noqa: PLC0415
+
+                a = t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+            else:
+                a = t.numpy()
+        else:
+            raise TypeError(f"{opname}: {argname}: expected a CPU or CUDA tensor, got device {t.device}")
+    elif hasattr(v, "__dlpack_device__") and hasattr(v, "__dlpack__"):
+        dev_type, _ = v.__dlpack_device__()
+        call.kind = call.kind or ("jax" if top in ("jax", "jaxlib") else None)
+        if int(dev_type) == _DLPACK_CUDA:
+            a = cupy().from_dlpack(v)
+        elif int(dev_type) == _DLPACK_CPU:
+            a = np.from_dlpack(v)
+        else:
+            raise TypeError(f"{opname}: {argname}: expected an array on a CPU or CUDA device, got DLPack "
+                            f"device type {int(dev_type)}")
+    elif hasattr(v, "__cuda_array_interface__"):
+        a = cupy().asarray(v)
+    elif hasattr(v, "__array_interface__") or hasattr(v, "__array__"):
+        a = np.asarray(v)
+    else:
+        return v  # classify() reports it
+    call.originals[id(a)] = (a, v)
+    return a
+
+
+def _from_native(r, call: _Call):
+    """Convert one result back to the caller's kind (the caller's own object where it was passed)."""
+    if isinstance(r, tuple):
+        return tuple(_from_native(x, call) for x in r)
+    fp8 = isinstance(r, FP8Result)
+    if fp8:
+        r = r.array
+    if not (isinstance(r, np.ndarray) or is_cupy(r)):
+        return r
+    orig = call.originals.get(id(r))
+    if orig is not None and orig[0] is r:
+        return orig[1]
+    if call.kind == "torch":
+        torch = _torch()
+        if isinstance(r, np.ndarray):
+            if r.dtype.name == "bfloat16":
+                t = torch.from_numpy(r.view(np.int16)).view(torch.bfloat16)
+            else:
+                t = torch.from_numpy(r)
+        else:
+            t = torch.from_dlpack(r)
+        return t.view(torch.float8_e4m3fn) if fp8 else t
+    if call.kind == "jax":
+        import jax.numpy as jnp  # noqa: PLC0415
+
+        return jnp.from_dlpack(r)
+    return r
+
+
+_NATIVE = (np.ndarray,)
+
+
 def op(opname: str, arrays: tuple[str, ...]):
     """Decorate a public op: resolve its backend from the arguments named in ``arrays``.
 
     Integer-valued arguments (``valid_tokens``) may be Python ints; they are not arrays and are
     skipped. The decorated function reads the backend with :func:`current`.
+
+    Framework tensors are accepted for every array argument (SPEC: interop): torch CUDA tensors and
+    ``__dlpack__`` / ``__cuda_array_interface__`` objects become CuPy arrays sharing their memory, CPU
+    tensors and ``__array__`` objects become NumPy arrays; torch ``float8_*`` tensors are viewed as
+    uint8. With torch CUDA inputs the op runs on torch's current stream. Results come back as the
+    caller's kind; a result that is one of the caller's own arrays (``out=``) is returned as that
+    object. Nested op calls see native arrays only.
     """
 
     def deco(fn):
@@ -139,23 +268,69 @@ def op(opname: str, arrays: tuple[str, ...]):
 
         @functools.wraps(fn)
         def wrapper(*args, **kwargs):
+            depth = _DEPTH.get()
+            call = _CALL.get() if depth else None
             named = {}
             for n in arrays:
                 i = pos_index[n]
-                v = args[i] if i < len(args) else kwargs.get(n)
-                if isinstance(v, (int, float, bool, np.integer, np.floating, str)) or v is None:
+                if i < len(args):
+                    v = args[i]
+                elif n in kwargs:
+                    v = kwargs[n]
+                else:
+                    continue
+                if v is None or isinstance(v, (int, float, bool, np.integer, np.floating, str)):
+                    continue
+                if not (isinstance(v, _NATIVE) or is_cupy(v) or isinstance(v, (tuple, list))):
+                    if call is None:
+                        call = _Call()
+                    v = _to_native(opname, n, v, call)
+                elif isinstance(v, (tuple, list)) and any(
+                        x is not None and not (isinstance(x, _NATIVE) or is_cupy(x)) for x in v):
+                    if call is None:
+                        call = _Call()
+                    v = type(v)(x if x is None else _to_native(opname, f"{n}[{j}]", x, call)
+                                for j, x in enumerate(v))
+                else:
+                    named[n] = v
                     continue
                 named[n] = v
+                if i < len(args):
+                    args = args[:i] + (v,) + args[i + 1:]
+                else:
+                    kwargs[n] = v
             be = resolve(opname, named)
             token = _CURRENT.set(be)
+            dtok = _DEPTH.set(depth + 1)
+            ctok = _CALL.set(call) if depth == 0 else None
             try:
                 if be.gpu:
-                    with cupy().cuda.Device(be.device):
-                        return fn(*args, **kwargs)
-                return fn(*args, **kwargs)
+                    cp = cupy()
+                    with cp.cuda.Device(be.device):
+                        if call is not None and call.stream is not None and depth == 0:
+                            with cp.cuda.ExternalStream(call.stream):
+                                result = fn(*args, **kwargs)
+                        else:
+                            result = fn(*args, **kwargs)
+                else:
+                    result = fn(*args, **kwargs)
             finally:
                 _CURRENT.reset(token)
+                _DEPTH.reset(dtok)
+                if ctok is not None:
+                    _CALL.reset(ctok)
+            if depth == 0:
+                if call is not None and call.kind is not None:
+                    return _from_native(result, call)
+                return _unmark(result)
+            return result
 
         return wrapper
 
     return deco
+
+
+def _unmark(r):
+    if isinstance(r, tuple):
+        return tuple(_unmark(x) for x in r)
+    return r.array if isinstance(r, FP8Result) else r
