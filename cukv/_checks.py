@@ -252,3 +252,22 @@ def check_cache(op: str, cache_k, cache_v, fmt, D: int, *, block_tables=None, pa
     return CacheGeom(fmt=fmt, kind=kind, groups=g, D=int(D), R=R, n_kv_heads=n_kv, paged=paged, B=B,
                      capacity=capacity, page_size=page_size, n_pages=n_pages, rows=rows,
                      external=external)
+
+
+def check_block_table_entries(op: str, block_tables, touched, n_pages: int,
+                              arg: str = "block_tables") -> None:
+    """Every block-table entry with ``touched`` True lies in ``[0, n_pages)`` (``validate=True`` only).
+
+    ``touched``: bool ``[B, max_pages]`` of the same module, the entries the op reads. One reduction
+    and one host copy of a flag (CuPy synchronises). Reports the first offending ``[b, page]``.
+    """
+    if block_tables.size == 0:
+        return
+    bad = touched & ((block_tables < 0) | (block_tables >= n_pages))
+    if not bool(bad.any()):
+        return
+    bad_h = bad.get() if _backend.is_cupy(bad) else np.asarray(bad)
+    bt_h = block_tables.get() if _backend.is_cupy(block_tables) else np.asarray(block_tables)
+    i = np.unravel_index(first_bad_index(bad_h.ravel()), bad_h.shape)
+    fail(op, f"{arg}[{int(i[0])}, {int(i[1])}]",
+         f"a page id in [0, {n_pages}) (the entry is used by the call)", str(int(bt_h[i])))

@@ -1,2 +1,3 @@
 """Imports every module that declares a kernel family, so ``_compile.families()`` sees them all."""
 from . import codec, norm  # noqa: F401
+from . import dequant  # noqa: F401
