@@ -7,5 +7,7 @@ SPEC.md is normative for every op.
 from .formats import FORMATS, parse_format, row_bytes, pack_qparams, unpack_qparams  # noqa: F401
 from .codec import quantize, dequantize  # noqa: F401
 from .norm import rms_norm  # noqa: F401
+from .dequant import dequantize_cache  # noqa: F401
+from .per_head import quantize_qkv_per_head  # noqa: F401
 
 __version__ = "0.1.0"

@@ -183,12 +183,14 @@ def cache_format(op: str, cache, fmt, arg: str = "cache_k") -> str:
 
 
 def check_cache(op: str, cache_k, cache_v, fmt, D: int, *, block_tables=None, page_size: int = 64,
-                qparam_k=None, qparam_v=None, written: bool = True) -> CacheGeom:
+                qparam_k=None, qparam_v=None, written: bool = True,
+                scales_required: bool = True) -> CacheGeom:
     """Validate a K/V cache pair (host-side checks only) and return its :class:`CacheGeom`.
 
     ``cache_v`` may be None (K only). ``qparam_k``/``qparam_v``: int32 ``cache.shape[:3]`` for external
     ``fp8``; float32 ``[B, N_KVH]`` for ``fp8_head`` (required there); None otherwise. ``written``:
-    caches (and qparams) must be C-contiguous.
+    caches (and qparams) must be C-contiguous. ``scales_required=False``: ``fp8_head`` caches may come
+    without scales (ops that only address the cache, e.g. Q-only ``quantize_qkv_per_head``).
     """
     from .formats import parse_format, row_bytes  # noqa: PLC0415
 
@@ -238,7 +240,7 @@ def check_cache(op: str, cache_k, cache_v, fmt, D: int, *, block_tables=None, pa
                         f"int32 {list(cache_k.shape[:3])} (external fp8 qparams, cache.shape[:3])")
         elif kind == "fp8_head":
             if qp is None:
-                if name == "qparam_v" and cache_v is None:
+                if (name == "qparam_v" and cache_v is None) or not scales_required:
                     continue
                 fail(op, name, f"float32 [B={B}, N_KVH={n_kv}] scales for fmt 'fp8_head'", "None")
             check_array(op, name, qp, F32, (B, n_kv), f"float32 [B={B}, N_KVH={n_kv}]")

@@ -52,7 +52,7 @@ def token_guards(B: int, B_T: int, cache_pos, token_lane=None, valid_tokens=None
                  n_rows: int | None = None):
     """Per-token ``(lane, kept, writes, phys0, phys1)`` of ``quantize_qkv_per_head`` (SPEC §5.2, §7).
 
-    A token is kept unless ``i >= valid_tokens``, ``cache_pos[i] == -1``, its lane is outside
+    A token is kept unless ``i >= valid_tokens``, ``cache_pos[i] < 0`` (-1: skip), its lane is outside
     ``[0, B)``, its cache position is outside ``[0, capacity)`` (when ``capacity`` is given), or it
     writes K/V (``writes_kv[i]``) and its page id is outside ``[0, P)``. ``writes`` = kept and
     ``writes_kv``; ``phys0``/``phys1`` index the cache rows of written tokens.
@@ -61,9 +61,9 @@ def token_guards(B: int, B_T: int, cache_pos, token_lane=None, valid_tokens=None
     lane = i.copy() if token_lane is None else np.asarray(token_lane, dtype=np.int64)
     cpos = np.asarray(cache_pos, dtype=np.int64)
     vt = B_T if valid_tokens is None else min(max(int(np.asarray(valid_tokens).reshape(-1)[0]), 0), B_T)
-    kept = (i < vt) & (cpos != -1) & (lane >= 0) & (lane < B)
+    kept = (i < vt) & (cpos >= 0) & (lane >= 0) & (lane < B)
     if capacity is not None:
-        kept &= (cpos >= 0) & (cpos < capacity)
+        kept &= cpos < capacity
     wkv = np.zeros(B_T, bool) if writes_kv is None else np.asarray(writes_kv, bool)
     lanec = np.clip(lane, 0, max(B - 1, 0))
     cposc = np.clip(cpos, 0, None)

@@ -1,0 +1,126 @@
+// cukv/cuda_src/per_head.cu: cukv.quantize_qkv_per_head, the FP8 per-head Q/K/V quantizer (SPEC §2.4, §7).
+//
+// per_head_scales: scr[b, 0] = s_q(b), scr[b, 1+h] = s_k(b,h), scr[b, 1+N_KVH+h] = s_v(b,h) from
+//   amax [B, HH] (fp32, one rounding per operation, NaN propagating min/max; no fminf/fmaxf):
+//     s_q(b)   = max(RN(min(max_{h<N_H} amax[b,h], 12000) / 448), S_MIN)
+//     s_k(b,h) = max(RN(min(RN(64 * amax[b, N_H+h]), 12000) / 448), S_MIN)    (V: N_H+N_KVH+h)
+// quantize_qkv_rows<VEC>: rows (i, j) of the packed tokens, j < N_H (Q heads), then N_KVH K heads and
+//   N_KVH V heads when `kv` is set. Per token i: lane b = token_lane[i] (or i), slot c = cache_pos[i].
+//   The token is kept unless i >= valid_tokens, c < 0 (-1: skip), b outside [0, B), c outside [0, capacity)
+//   (capacity < 0: no cache), or it writes K/V and its page id is outside [0, P).
+//     Q row:  out[i, j, :] = E4M3(clamp(RN(f32(xq[i,j,:]) * RN(1/s_q(b))), +-448)); zero bytes if skipped.
+//             The thread of chunk c of row j = 0 also writes scale_q[b, k] = s_q(b) (k = c, c+D/8, ...)
+//             and, if the token writes K/V, qparam_k[b, k] = s_k(b,k), qparam_v[b, k] = s_v(b,k).
+//     K/V row (kept, kv, not precomputed): cache row (b, c, h) <- xk[i, h] with RN(1/s_k(b,h)); V likewise.
+//   Equal values may be stored to one scale address by several tokens (no float atomics; deterministic).
+// Thread layout: blockDim = (D/8, ROWS); each thread handles one 8-element chunk of PH_ITER rows.
+// xq/xk/xv are strided views (token and head strides in elements, unit last-axis stride).
+#include "rows.cuh"
+
+#define PH_ITER 4
+
+__device__ __forceinline__ float nan_max(float a, float b) { return (a > b || a != a) ? a : b; }
+__device__ __forceinline__ float nan_min(float a, float b) { return (a < b || a != a) ? a : b; }
+
+// max(RN(min(a, 12000) / 448), S_MIN), NaN propagating.
+__device__ __forceinline__ float scale_recipe(float a) {
+  const float s = __fdiv_rn(nan_min(a, 12000.0f), 448.0f);
+  return nan_max(s, CUKV_S_MIN);
+}
+
+__global__ void per_head_scales(const float* __restrict__ amax, int B, int n_h, int nkv,
+                                float* __restrict__ scr) {
+  const int ncol = 1 + 2 * nkv;
+  const i64 idx = (i64)blockIdx.x * blockDim.x + threadIdx.x;
+  if (idx >= (i64)B * ncol) return;
+  const int b = (int)(idx / ncol), j = (int)(idx - (i64)b * ncol);
+  const float* a = amax + (i64)b * (n_h + 2 * nkv);
+  float s;
+  if (j == 0) {
+    float m = n_h > 0 ? a[0] : 0.0f;
+    for (int h = 1; h < n_h; ++h) m = nan_max(m, a[h]);
+    s = scale_recipe(m);
+  } else {
+    s = scale_recipe(__fmul_rn(64.0f, a[n_h + j - 1]));
+  }
+  scr[idx] = s;
+}
+
+template <bool VEC>
+__device__ __forceinline__ void quantize_chunk(const u16* src, u8* dst, int c, int D, float inv) {
+  float y[1][8];
+  Chunk<bf16_t, VEC>::load(reinterpret_cast<const bf16_t*>(src) + 8 * c, y[0]);
+  encode_fp8_head_row<32, 1, VEC>(y, D, c, dst, inv);
+}
+
+template <bool VEC>
+__global__ void quantize_qkv_rows(
+    const u16* __restrict__ xq, i64 q_ts, i64 q_hs, const u16* __restrict__ xk, i64 k_ts, i64 k_hs,
+    const u16* __restrict__ xv, i64 v_ts, i64 v_hs, const float* __restrict__ scr,
+    u8* __restrict__ cache_k, u8* __restrict__ cache_v, const int* __restrict__ cache_pos,
+    const int* __restrict__ token_lane, const u8* __restrict__ precomputed,
+    float* __restrict__ qparam_k, float* __restrict__ qparam_v, float* __restrict__ scale_q,
+    u8* __restrict__ out, const int* __restrict__ block_tables, int max_pages, int page_size,
+    int n_pages, int max_t, int paged, i64 capacity, const long long* __restrict__ valid_ptr,
+    i64 valid_val, int B, i64 B_T, int n_h, int nkv, int D, int kv) {
+  const int c = threadIdx.x;
+  const int nch = blockDim.x;
+  const int rows_per_block = blockDim.y;
+  const int hhx = kv ? n_h + 2 * nkv : n_h;
+  const int ncol = 1 + 2 * nkv;
+  const i64 n_rows = B_T * hhx;
+  i64 r = (i64)blockIdx.x * (rows_per_block * PH_ITER) + threadIdx.y;
+  if (r >= n_rows) return;
+  i64 valid = valid_ptr ? (i64)*valid_ptr : valid_val;
+  i64 i = r / hhx;
+  int j = (int)(r - i * hhx);
+  const int di = rows_per_block / hhx, dj = rows_per_block - di * hhx;
+#pragma unroll 1
+  for (int it = 0; it < PH_ITER; ++it) {
+    if (r >= n_rows) break;
+    const int b = token_lane ? token_lane[i] : (int)i;
+    const int cp = cache_pos[i];
+    bool kept = i < valid && cp >= 0 && b >= 0 && b < B && (capacity < 0 || (i64)cp < capacity);
+    bool wkv = kv && kept && !(precomputed && precomputed[i]);
+    i64 crow = 0;
+    if (wkv) {
+      if (paged) {
+        const int pg = cp / page_size;
+        const int page = block_tables[(i64)b * max_pages + pg];
+        if ((unsigned)page >= (unsigned)n_pages) kept = wkv = false;
+        crow = ((i64)page * page_size + (cp - pg * page_size)) * nkv;
+      } else {
+        crow = ((i64)b * max_t + cp) * nkv;
+      }
+    }
+    const float* sc = scr + (i64)b * ncol;
+    if (j < n_h) {
+      u8* dst = out + (i * n_h + j) * D;
+      if (kept) {
+        const float sq = sc[0];
+        quantize_chunk<VEC>(xq + i * q_ts + j * q_hs, dst, c, D, __frcp_rn(sq));
+        if (j == 0) {
+          for (int k = c; k < nkv; k += nch) {
+            scale_q[(i64)b * nkv + k] = sq;
+            if (wkv) {
+              qparam_k[(i64)b * nkv + k] = sc[1 + k];
+              qparam_v[(i64)b * nkv + k] = sc[1 + nkv + k];
+            }
+          }
+        }
+      } else {
+        store_u8x8<VEC>(dst + 8 * c, 0u, 0u);
+      }
+    } else if (wkv) {
+      const bool is_v = j >= n_h + nkv;
+      const int h = j - n_h - (is_v ? nkv : 0);
+      const u16* src = is_v ? xv + i * v_ts + h * v_hs : xk + i * k_ts + h * k_hs;
+      u8* dst = (is_v ? cache_v : cache_k) + (crow + h) * D;
+      quantize_chunk<VEC>(src, dst, c, D, __frcp_rn(sc[1 + (is_v ? nkv : 0) + h]));
+    }
+    r += rows_per_block;
+    i += di;
+    j += dj;
+    if (j >= hhx) { j -= hhx; ++i; }
+  }
+}
