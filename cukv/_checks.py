@@ -273,3 +273,22 @@ def check_block_table_entries(op: str, block_tables, touched, n_pages: int,
     i = np.unravel_index(first_bad_index(bad_h.ravel()), bad_h.shape)
     fail(op, f"{arg}[{int(i[0])}, {int(i[1])}]",
          f"a page id in [0, {n_pages}) (the entry is used by the call)", str(int(bt_h[i])))
+
+
+def check_finite(op: str, arg: str, a) -> None:
+    """``check_finite=True``: every element of float array ``a`` is finite (SPEC §1.4, §11.4).
+
+    One reduction and one host copy of a flag (CuPy synchronises); on failure reports the first
+    non-finite element's index and value.
+    """
+    if a is None or a.size == 0:
+        return
+    xp = np if isinstance(a, np.ndarray) else _backend.cupy()
+    bad = ~xp.isfinite(a.astype(np.float32))
+    if not bool(bad.any()):
+        return
+    bad_h = bad.get() if xp is not np else bad
+    i = np.unravel_index(first_bad_index(bad_h.ravel()), a.shape)
+    v = a[i]
+    v = float(v.get() if xp is not np else v)
+    fail(op, f"{arg}[{', '.join(str(int(j)) for j in i)}]", "a finite value (check_finite=True)", repr(v))

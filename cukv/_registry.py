@@ -2,3 +2,4 @@
 from . import codec, norm  # noqa: F401
 from . import dequant  # noqa: F401
 from . import per_head  # noqa: F401
+from . import cache_write  # noqa: F401
