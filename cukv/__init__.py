@@ -9,6 +9,7 @@ from .codec import quantize, dequantize  # noqa: F401
 from .norm import rms_norm  # noqa: F401
 from .dequant import dequantize_cache  # noqa: F401
 from .per_head import quantize_qkv_per_head  # noqa: F401
+from .kvcache import KVCache  # noqa: F401
 from .rope import RoPE, XPos, Llama31Scaling, rope_frequencies  # noqa: F401
 from .cache_write import write_kv_prefill, write_kv_decode  # noqa: F401
 
