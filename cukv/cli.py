@@ -171,7 +171,10 @@ class Device:
             props = cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)
             name = props["name"].decode() if isinstance(props["name"], bytes) else props["name"]
             return f"gpu ({name}, CUDA kernels)"
-        why = f"; {self.reason}" if self.reason and self.choice == "auto" else ""
+        why = ""
+        if self.reason and self.choice == "auto":
+            why = "; no GPU: " + ("CuPy is not installed" if "No module named" in self.reason
+                                 else self.reason.split(" (")[0])
         return f"cpu (NumPy reference{why})"
 
 
@@ -348,23 +351,32 @@ class AttentionProbe:
         return out
 
     def quantized_library(self, dev: Device, fn, fmt: str, rows_k, rows_v) -> list:
-        """Outputs of ``cukv.decode_attention`` on the quantized caches (device arrays)."""
+        """Outputs of ``cukv.decode_attention`` on the quantized caches (device arrays).
+
+        One call serves ``c`` queries of every lane: query ``j`` of head ``h`` becomes head
+        ``h*c + j``, which decode attention's GQA mapping sends to KV head ``h // (N_H / N_KVH)``.
+        ``c`` keeps the GQA ratio of a call at most 8 (or the file's own ratio, if larger).
+        """
         xp = dev.xp
         from .io import BF16  # noqa: PLC0415
 
         ck = self.lane_stack(xp, kvio.to_bthd(rows_k, self.layout))
         cv = self.lane_stack(xp, kvio.to_bthd(rows_v, self.layout))
+        nl = len(self.lanes)
         nq = max(len(p) for p in self.pos)
         nh = self.q[0].shape[1]
-        # every query of a lane in one decode call: query j of head h is head h*nq + j, which
-        # reads KV head h // (N_H / N_KVH) under decode attention's GQA mapping
-        qh = np.zeros((len(self.lanes), nh, nq, self.D), dtype=BF16)
+        c = max(1, 8 // (nh // int(ck.shape[2])))
+        qa = np.zeros((nl, nh, nq, self.D), dtype=BF16)
         for i, q in enumerate(self.q):
-            qh[i, :, :len(q)] = q.transpose(1, 0, 2)
-        seqlens = np.array([n for _, _, n in self.lanes], dtype=np.int32)
-        out = fn(dev.to(qh.reshape(len(self.lanes), nh * nq, self.D)), ck, cv, dev.to(seqlens),
-                 fmt=fmt, softmax_scale=self.scale)
-        out = dev.host(out).astype(np.float64).reshape(len(self.lanes), nh, nq, self.D)
+            qa[i, :, :len(q)] = q.transpose(1, 0, 2)
+        seqlens = dev.to(np.array([n for _, _, n in self.lanes], dtype=np.int32))
+        out = np.zeros((nl, nh, nq, self.D), dtype=np.float64)
+        for j in range(0, nq, c):
+            qc = np.ascontiguousarray(qa[:, :, j:j + c])              # [nl, nh, c', D]
+            cc = qc.shape[2]
+            o = fn(dev.to(qc.reshape(nl, nh * cc, self.D)), ck, cv, seqlens, fmt=fmt,
+                   softmax_scale=self.scale)
+            out[:, :, j:j + cc] = dev.host(o).astype(np.float64).reshape(nl, nh, cc, self.D)
         return [out[i, :, :len(q)].transpose(1, 0, 2) for i, q in enumerate(self.q)]
 
     def quantized_f64(self, deq_k, deq_v) -> list:
@@ -856,7 +868,11 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("cukv: interrupted", file=sys.stderr)
         return 130
-    except BrokenPipeError:
+    except BrokenPipeError:  # `cukv report ... | head`: stop quietly
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except OSError:
+            pass
         return 0
     except Exception as e:  # a bug: one line, unless CUKV_DEBUG asks for the traceback
         if os.environ.get("CUKV_DEBUG"):

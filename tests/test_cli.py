@@ -504,3 +504,40 @@ def test_gpu_matches_cpu_on_the_sample(tmp_path):
             assert abs(a[t]["sqnr_db"] - b[t]["sqnr_db"]) <= 0.01
             assert a[t]["max_abs_err"] == b[t]["max_abs_err"]
         assert abs(a["attn_sqnr_db"] - b["attn_sqnr_db"]) <= 0.01
+
+
+# ------------------------------------------------------------------ library attention packing
+def fake_decode_attention(q, cache_k, cache_v, seqlens, *, fmt, softmax_scale):
+    """SPEC §8.1 decode attention over the dequantized cache, float64, bf16 output (a test double)."""
+    B, NH, D = q.shape
+    r = NH // cache_k.shape[2]
+    out = np.zeros((B, NH, D))
+    for b in range(B):
+        n = int(seqlens[b])
+        k = ref.dequantize(cache_k[b, :n], fmt).astype(np.float64)
+        v = ref.dequantize(cache_v[b, :n], fmt).astype(np.float64)
+        for h in range(NH):
+            s = softmax_scale * (k[:, h // r] @ q[b, h].astype(np.float64))
+            p = np.exp(s - s.max())
+            out[b, h] = (p / p.sum()) @ v[:, h // r]
+    return out.astype(np.float32).astype(BF16)
+
+
+@pytest.mark.parametrize("fmt", ["fp8", "int4:g2"])
+def test_library_attention_packing(tmp_path, fmt):
+    """Queries packed as extra GQA heads, in chunks, give each query its own decode output."""
+    from cukv.cli import AttentionProbe, Device
+
+    B, T, H, D, NH = 3, 13, 2, 16, 4
+    extra = {f"q_layer{i}": rand((B, T, NH, D), np.float32, 70 + i) for i in range(1)}
+    extra["seq_lens"] = np.array([13, 5, 9], dtype=np.int32)
+    arrays = make_kv(tmp_path / "f.npz", L=1, shape=(B, T, H, D), extra=extra)
+    kv = kvio.load_kv(tmp_path / "f.npz", layout="BTHD")
+    probe = AttentionProbe(kv, 0, max_queries=11)
+    rk = ref.quantize(arrays["k_layer0"], fmt)
+    rv = ref.quantize(arrays["v_layer0"], fmt)
+    got = probe.quantized_library(Device("cpu"), fake_decode_attention, fmt, rk, rv)
+    want = probe.quantized_f64(ref.dequantize(rk, fmt), ref.dequantize(rv, fmt))
+    assert [g.shape for g in got] == [(11, NH, D), (5, NH, D), (9, NH, D)]
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=2 ** -7, atol=1e-6)
