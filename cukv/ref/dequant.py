@@ -30,7 +30,7 @@ def logical_rows(cache, qparam, seqlens, fmt: str, T: int, block_tables=None, pa
     rows = np.asarray(cache)[i0, i1]                               # [B, T, N_KVH, R]
     kind = fmt.split(":")[0]
     if kind == "fp8_head":
-        s = np.broadcast_to(np.asarray(qparam, np.float32)[:, None, :], rows.shape[:3])
+        s = np.broadcast_to(np.asarray(qparam, np.float32)[:B, None, :], rows.shape[:3])
         deq = dequantize_rows(rows, fmt, scale=s)
     elif kind == "fp8" and qparam is not None:
         deq = dequantize_rows(rows, fmt, qparams=np.asarray(qparam)[i0, i1])
