@@ -114,8 +114,11 @@ def _parse_formats(s: str, D: int, path) -> list[str]:
         try:
             check_head_dim(name, D)
         except ValueError:
-            need = "D % 8 == 0" + (f" and D % {2 * parse_format(name)[1]} == 0" if name.startswith("int4") else "")
-            raise KVError(f"{path}: head_dim {D} is not supported by format {name!r} (needs {need})") from None
+            need = "D % 8 == 0"
+            if name.startswith("int4"):
+                need += f" and D % {2 * parse_format(name)[1]} == 0"
+            raise KVError(f"{path}: head_dim {D} is not supported by format {name!r} "
+                          f"(needs {need})") from None
         if name not in out:
             out.append(name)
     if not out:
@@ -277,10 +280,10 @@ def attention_f64(q, k, v, scale: float):
 
     Notes
     -----
-    This is the *exact* side of the attention-output error: it runs over the original (not
-    bf16-rounded) K/V values, which no cache format holds, so it cannot be ``cukv``'s decode-attention
-    reference (that one reads cache formats). It also serves as the quantized side for head_dims the
-    attention kernels do not take, over the dequantized bf16 values.
+    The *exact* side of the attention-output error: it runs over the original fp16/fp32 values
+    (no cache format holds them, and nothing is rounded to bf16). It is also the quantized side, over
+    the dequantized bf16 values, when ``cukv.decode_attention`` is missing or does not take the
+    head_dim (the kernels take 64/128/256).
     """
     q = np.asarray(q, dtype=np.float64)
     k = np.asarray(k, dtype=np.float64)
@@ -455,7 +458,7 @@ def run_report(kv: kvio.KVFile, formats: list, dev: Device, *, threshold: float,
             "memory_saved": 1.0 - bpe / itemsize,
             "memory_saved_vs_bf16": 1.0 - bpe / 2.0,
             "min_sqnr_db": worst,
-            "mean_sqnr_db": float(np.mean(np.minimum(sq, 1e9))),
+            "mean_sqnr_db": float(np.mean(sq)),
             "min_attn_sqnr_db": min(at),
             "max_attn_rel_err": max(r["attn_rel_err"] for r in rs),
             "max_abs_err": max(r[t]["max_abs_err"] for r in rs for t in ("k", "v")),
@@ -578,7 +581,8 @@ def write_plot(path, res: dict, plt) -> None:
         h = np.asarray(res["error_histogram"]["counts"][f], dtype=np.float64)
         if h.sum() > 0:
             ax2.stairs(h / h.sum(), res["error_histogram"]["edges_log10_err_over_rms"], color=c, label=f)
-    ax1.axhline(res["threshold_db"], color="k", lw=0.8, ls="-.", label=f"threshold {res['threshold_db']:g} dB")
+    ax1.axhline(res["threshold_db"], color="k", lw=0.8, ls="-.",
+                label=f"threshold {res['threshold_db']:g} dB")
     ax1.set_xlabel("layer")
     ax1.set_ylabel("SQNR (dB)")
     ax1.set_title("SQNR per layer (K solid, V dashed, attention output dotted)", fontsize=9)

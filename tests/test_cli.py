@@ -442,7 +442,8 @@ def test_device_gpu_without_gpu(tmp_path):
     make_kv(tmp_path / "kv.npz")
     r = cukv("report", tmp_path / "kv.npz", "--device", "gpu")
     lines = r.stderr.strip().splitlines()
-    assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("cukv: error: --device gpu: no usable GPU")
+    assert r.returncode == 2 and len(lines) == 1
+    assert lines[0].startswith("cukv: error: --device gpu: no usable GPU")
 
 
 def test_usage_errors_and_main():
