@@ -2,15 +2,10 @@
 
 A *KV file* holds one key and one value tensor per layer, found by a key convention:
 
-====================================  ==================================  ===========================
-convention                            names                               4-D layout implied
-====================================  ==================================  ===========================
-``k_layer``                           ``k_layer{L}`` / ``v_layer{L}``     none (pass ``layout``)
-``layers``                            ``layers.{L}.key`` / ``.value``     none (pass ``layout``)
-``past_key_values``                   ``past_key_values.{L}.0`` / ``.1``  ``BHTD`` (transformers)
-``past_key_values.key``               ``past_key_values.{L}.key/.value``  ``BHTD`` (transformers)
-``key_cache``                         ``key_cache.{L}`` / ``value_cache.{L}``  ``BHTD`` (transformers)
-====================================  ==================================  ===========================
+* ``k_layer{L}`` / ``v_layer{L}`` and ``layers.{L}.key`` / ``layers.{L}.value``: 3-D tensors are
+  ``THD``; 4-D ones need ``layout``;
+* ``past_key_values.{L}.0`` / ``.1``, ``past_key_values.{L}.key`` / ``.value`` and
+  ``key_cache.{L}`` / ``value_cache.{L}``: transformers' names, so 4-D tensors are ``BHTD``;
 
 or by a ``keys`` pattern (``"enc.{L}.k,enc.{L}.v"``, optionally a third pattern for queries). A
 ``.npy`` file holds one stacked array ``[L, 2, ...]`` (layer, then K = 0 / V = 1); its tensors are

@@ -542,3 +542,20 @@ def test_library_attention_packing(tmp_path, fmt):
     assert [g.shape for g in got] == [(11, NH, D), (5, NH, D), (9, NH, D)]
     for g, w in zip(got, want):
         np.testing.assert_allclose(g, w, rtol=2 ** -7, atol=1e-6)
+
+
+def test_library_attention_figures(tmp_path):
+    """With cukv.decode_attention in the build, a D=64 report uses it and agrees with float64."""
+    from cukv.cli import _library_attention
+
+    if _library_attention() is None:
+        pytest.skip("cukv.decode_attention is not in this build yet")
+    lens = np.array([17, 30], dtype=np.int32)
+    arrays = make_kv(tmp_path / "f.npz", L=1, shape=(47, 2, 64), extra={"seq_lens": lens})
+    res, _ = report_json(tmp_path / "f.npz", "--formats", "fp8,int4:g2", "--device", "cpu")
+    assert res["attention"]["backend"].startswith("cukv.decode_attention")
+    k, v = arrays["k_layer0"], arrays["v_layer0"]
+    lk, lv = [k[:17], k[17:]], [v[:17], v[17:]]
+    for row in res["per_layer"]:
+        want = ref_attn_err(lk, lk, lv, row["format"])
+        assert abs(row["attn_rel_err"] - want) <= 0.02 * want + 2e-3, (row["attn_rel_err"], want)
