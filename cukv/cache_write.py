@@ -271,13 +271,9 @@ def _write(op, xq, xk, xv, cache_k, cache_v, lanes, pos, *, lane_arg, pos_arg, f
     if not ext and not q_only:
         idx_args.update(qparam_k=qparam_k, qparam_v=qparam_v)
     _checks.check_no_overlap(op, written, {"xq": xq, "xk": xk, "xv": xv, **idx_args})
-    backs = {}
-    if write_q_back:
-        backs["xq"] = xq
-    if write_k_back:
-        backs["xk"] = xk
-    if backs:
-        _checks.check_no_overlap(op, backs, idx_args)
+    for name, a, on in (("xq", xq, write_q_back), ("xk", xk, write_k_back)):
+        if on:  # xq / xk may share a fused buffer with each other and xv (SPEC §1.4)
+            _checks.check_no_overlap(op, {name: a}, idx_args)
 
     be = _backend.current()
     xp = be.xp

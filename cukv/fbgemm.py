@@ -11,6 +11,279 @@ from __future__ import annotations
 
 # ---------------------------------------------------------------------------------------- writers
 # (SPEC §10.1) rope_qkv_varseq_prefill, rope_qkv_decoding, nope_*, xpos_*
+import numpy as _wnp  # noqa: E402
+
+from . import _backend as _wbe, _checks as _wck  # noqa: E402
+
+
+def _fb_writer_format(op, cache_K, XQ, qparam_k, cache_logical_dtype_int, num_groups, cache_format):
+    """The native ``fmt`` of a writer call (SPEC §10 dispatch by cache dtype)."""
+    if cache_format is not None:
+        return cache_format
+    if cache_K is None:
+        return None
+    if cache_K.dtype == _wck.BF16:
+        return "bf16"
+    if cache_K.dtype != _wck.U8:
+        _wck.fail(op, "cache_K", "a bfloat16 or uint8 cache", _wck.describe(cache_K), TypeError)
+    cdt = cache_logical_dtype_int
+    if isinstance(cdt, bool) or not isinstance(cdt, (int, _wnp.integer)) or int(cdt) not in (0, 1, 2):
+        _wck.fail(op, "cache_logical_dtype_int", "0 (bf16 or int4 by dtype), 1 (FP8) or 2 (INT4)", repr(cdt))
+    if int(cdt) == 1:
+        if num_groups not in (None, 1):
+            _wck.fail(op, "num_groups", "None or 1 for an FP8 cache (cache_logical_dtype_int=1)",
+                      repr(num_groups))
+        R, D = int(cache_K.shape[-1]), int(XQ.shape[-1])
+        if R == D + 4:
+            return "fp8"
+        if R == D:
+            if qparam_k is not None and qparam_k.dtype == _wck.I32:
+                return "fp8"
+            return "fp8_head"
+        _wck.fail(op, "cache_K", f"rows of D+4={D + 4} (inline qparams) or D={D} bytes for an FP8 cache",
+                  _wck.describe(cache_K))
+    g = 1 if num_groups is None else num_groups
+    if isinstance(g, bool) or not isinstance(g, (int, _wnp.integer)) or int(g) not in (1, 2, 4, 8):
+        _wck.fail(op, "num_groups", "1, 2, 4 or 8 for an INT4 cache", repr(num_groups))
+    return f"int4:g{int(g)}"
+
+
+def _fb_rope(theta, rope_scaling, old_context_len, scaling_factor, lo_freq_factor, hi_freq_factor):
+    from .rope import Llama31Scaling  # noqa: PLC0415
+
+    if not rope_scaling:
+        return None
+    return Llama31Scaling(old_context_len, scaling_factor, lo_freq_factor, hi_freq_factor)
+
+
+def _fb_write(op, decode, XQ, XK, XV, cache_K, cache_V, lanes, pos, cache_pos, pos_enc, *, num_groups,
+              block_tables, page_size, actual_batch_size, cache_logical_dtype_int, qparam_k, qparam_v,
+              write_k_back=False, k_norm=False, update_kv=True, amax_qkv=None, precomputed=None,
+              has_fp8_head=True, validate=True, check_finite=False, cache_format=None):
+    from .cache_write import _write  # noqa: PLC0415
+    from .formats import parse_format  # noqa: PLC0415
+
+    if not isinstance(update_kv, (bool, _wnp.bool_)):
+        _wck.fail(op, "update_kv", "a bool", type(update_kv).__name__, TypeError)
+    if not update_kv and (XK is not None or XV is not None):
+        _wck.fail(op, "XK" if XK is not None else "XV", "None when update_kv=False (Q-only mode)",
+                  _wck.describe(XK if XK is not None else XV))
+    fmt = _fb_writer_format(op, cache_K, XQ, qparam_k, cache_logical_dtype_int, num_groups, cache_format)
+    kind = parse_format(fmt, op, "cache_format")[0] if fmt is not None else "bf16"
+    q_back = False
+    all_pre = decode
+    amax = None
+    if kind == "fp8_head":
+        if not has_fp8_head:
+            _wck.fail(op, "cache_K", "a bf16, fp8 (inline or int32 external qparams) or int4 cache "
+                      "(the xpos writers have no FP8 per-head path)", _wck.describe(cache_K))
+        amax, q_back, write_k_back = amax_qkv, True, True
+        all_pre = decode or precomputed is None
+    else:
+        precomputed = None
+    if kind == "bf16":
+        qparam_k = qparam_v = None
+    if not update_kv:
+        write_k_back = False
+    return _write(op, XQ, XK, XV, cache_K, cache_V, lanes, pos,
+                  lane_arg="batch" if decode else "varseq_batch",
+                  pos_arg="seqpos" if decode else "varseq_seqpos", fmt=fmt, pos_enc=pos_enc,
+                  cache_pos=cache_pos, block_tables=block_tables, page_size=page_size,
+                  qparam_k=qparam_k, qparam_v=qparam_v, qk_norm=bool(k_norm), qk_norm_eps=0.0,
+                  write_q_back=q_back, write_k_back=bool(write_k_back), valid_tokens=actual_batch_size,
+                  amax=amax, scale_precomputed=None if all_pre else precomputed,
+                  all_precomputed=all_pre, out=None, validate=validate, check_finite=check_finite)
+
+
+_FB_W_ARRAYS = ("XQ", "XK", "XV", "cache_K", "cache_V", "block_tables", "actual_batch_size", "qparam_k",
+                "qparam_v")
+_FB_NOTES = """
+    Notes
+    -----
+    Maps onto :func:`cukv.write_kv_prefill` / :func:`cukv.write_kv_decode` (SPEC §10.1). Format by
+    cache dtype (SPEC §10): bf16 cache -> ``"bf16"`` (``num_groups``, ``qparam_*``, ``amax_qkv`` and
+    ``cache_logical_dtype_int`` ignored); uint8 with ``cache_logical_dtype_int=1`` -> ``"fp8"``
+    (rows ``D+4``, or ``D`` with int32 ``qparam_k``) or ``"fp8_head"`` (rows ``D`` with float32 or no
+    ``qparam_k``); uint8 with 0 or 2 -> ``"int4:g{num_groups}"``. ``cache_format=`` overrides.
+    FP8 per-head (``fp8_head``): ``amax_qkv`` is updated in place, Q and K are written back into
+    ``XQ`` / ``XK`` as FBGEMM does, ``kv_quant_scale_precomputed=None`` means every token already has
+    its scales (FBGEMM's meaning).
+
+    **cukv differs:** the returned ``XQ_O`` is valid on every path (FBGEMM leaves it uninitialised in
+    the FP8 per-head path) and zero for skipped tokens; ``k_norm`` divides by the real ``D`` and also
+    applies to bf16 caches (FBGEMM ignores it there); ``update_kv=False`` and ``actual_batch_size``
+    work for every format; ``batch`` is honoured in every decode path; ``D`` may be 64, 128 or 256
+    (FBGEMM's quantized paths need 128); caches of every format may be paged; min/max reductions
+    cover the whole row or group.
+"""
+
+
+def _fb_doc(summary, args):
+    return f"""{summary}
+
+    Parameters
+    ----------
+    {args}
+    validate, check_finite, cache_format : keyword-only
+        As in the native API; ``cache_format`` overrides the dispatch by cache dtype.
+
+    Returns
+    -------
+    XQ_O : bfloat16, the shape of ``XQ``
+{_FB_NOTES}"""
+
+
+_PREFILL_ARGS = """XQ : bfloat16 ``[B_T, N_H, D]``; XK, XV : bfloat16 ``[B_T, N_KVH, D]`` (None with update_kv=False)
+    cache_K, cache_V : caches (SPEC §2-§3), contiguous or paged (``block_tables``, ``page_size``)
+    varseq_batch, varseq_seqpos : int32 ``[B_T]``: lane and position of each token (-1 skips)
+    varseq_cache_seqpos : int32 ``[B_T]``, optional: cache slot (default the position)
+    actual_batch_size : int or 1-element array, optional: tokens at or past it are skipped"""
+_DECODE_ARGS = """XQ : bfloat16 ``[B, N_H, D]``; XK, XV : bfloat16 ``[B, N_KVH, D]`` (None with update_kv=False)
+    cache_K, cache_V : caches (SPEC §2-§3), contiguous or paged (``block_tables``, ``page_size``)
+    seqpos : int32 ``[B]``: position of each row (-1 skips); batch : int32 ``[B]``, optional: lanes
+    cache_seqpos : int32 ``[B]``, optional: cache slot (default the position)
+    actual_batch_size : int or 1-element array, optional: rows at or past it are skipped"""
+_ROPE_ARGS = """theta, rope_scaling, old_context_len, scaling_factor, lo_freq_factor, hi_freq_factor :
+        ``cukv.RoPE(theta, scaling=cukv.Llama31Scaling(...) if rope_scaling else None)``"""
+
+
+@_wbe.op("rope_qkv_varseq_prefill", arrays=_FB_W_ARRAYS + ("varseq_batch", "varseq_seqpos",
+                                                          "varseq_cache_seqpos", "amax_qkv",
+                                                          "kv_quant_scale_precomputed"))
+def rope_qkv_varseq_prefill(XQ, XK, XV, cache_K, cache_V, varseq_batch, varseq_seqpos, theta,
+                            num_groups=1, block_tables=None, page_size=64, actual_batch_size=None,
+                            varseq_cache_seqpos=None, cache_logical_dtype_int=0, rope_scaling=False,
+                            old_context_len=8192, scaling_factor=16, lo_freq_factor=1, hi_freq_factor=32,
+                            qparam_k=None, qparam_v=None, write_k_back=False, k_norm=False,
+                            update_kv=True, amax_qkv=None, kv_quant_scale_precomputed=None, *,
+                            validate=True, check_finite=False, cache_format=None):
+    from .rope import RoPE  # noqa: PLC0415
+
+    pe = RoPE(theta, scaling=_fb_rope(theta, rope_scaling, old_context_len, scaling_factor,
+                                      lo_freq_factor, hi_freq_factor))
+    return _fb_write("rope_qkv_varseq_prefill", False, XQ, XK, XV, cache_K, cache_V, varseq_batch,
+                     varseq_seqpos, varseq_cache_seqpos, pe, num_groups=num_groups,
+                     block_tables=block_tables, page_size=page_size, actual_batch_size=actual_batch_size,
+                     cache_logical_dtype_int=cache_logical_dtype_int, qparam_k=qparam_k, qparam_v=qparam_v,
+                     write_k_back=write_k_back, k_norm=k_norm, update_kv=update_kv, amax_qkv=amax_qkv,
+                     precomputed=kv_quant_scale_precomputed, validate=validate, check_finite=check_finite,
+                     cache_format=cache_format)
+
+
+@_wbe.op("rope_qkv_decoding", arrays=_FB_W_ARRAYS + ("seqpos", "batch", "cache_seqpos", "amax_qkv"))
+def rope_qkv_decoding(XQ, XK, XV, cache_K, cache_V, seqpos, theta, num_groups=1, block_tables=None,
+                      page_size=64, actual_batch_size=None, batch=None, cache_seqpos=None,
+                      cache_logical_dtype_int=0, rope_scaling=False, old_context_len=8192, scaling_factor=16,
+                      lo_freq_factor=1, hi_freq_factor=32, qparam_k=None, qparam_v=None, k_norm=False,
+                      update_kv=True, amax_qkv=None, *, validate=True, check_finite=False,
+                      cache_format=None):
+    from .rope import RoPE  # noqa: PLC0415
+
+    pe = RoPE(theta, scaling=_fb_rope(theta, rope_scaling, old_context_len, scaling_factor,
+                                      lo_freq_factor, hi_freq_factor))
+    return _fb_write("rope_qkv_decoding", True, XQ, XK, XV, cache_K, cache_V, batch, seqpos, cache_seqpos,
+                     pe, num_groups=num_groups, block_tables=block_tables, page_size=page_size,
+                     actual_batch_size=actual_batch_size, cache_logical_dtype_int=cache_logical_dtype_int,
+                     qparam_k=qparam_k, qparam_v=qparam_v, k_norm=k_norm, update_kv=update_kv,
+                     amax_qkv=amax_qkv, validate=validate, check_finite=check_finite,
+                     cache_format=cache_format)
+
+
+@_wbe.op("nope_qkv_varseq_prefill", arrays=_FB_W_ARRAYS + ("varseq_batch", "varseq_seqpos",
+                                                          "varseq_cache_seqpos", "amax_qkv",
+                                                          "kv_quant_scale_precomputed"))
+def nope_qkv_varseq_prefill(XQ, XK, XV, cache_K, cache_V, varseq_batch, varseq_seqpos, block_tables=None,
+                            page_size=64, actual_batch_size=None, varseq_cache_seqpos=None,
+                            cache_logical_dtype_int=0, num_groups=1, qparam_k=None, qparam_v=None,
+                            k_norm=False, update_kv=True, amax_qkv=None, kv_quant_scale_precomputed=None,
+                            *, validate=True, check_finite=False, cache_format=None):
+    return _fb_write("nope_qkv_varseq_prefill", False, XQ, XK, XV, cache_K, cache_V, varseq_batch,
+                     varseq_seqpos, varseq_cache_seqpos, None, num_groups=num_groups,
+                     block_tables=block_tables, page_size=page_size, actual_batch_size=actual_batch_size,
+                     cache_logical_dtype_int=cache_logical_dtype_int, qparam_k=qparam_k, qparam_v=qparam_v,
+                     k_norm=k_norm, update_kv=update_kv, amax_qkv=amax_qkv,
+                     precomputed=kv_quant_scale_precomputed, validate=validate, check_finite=check_finite,
+                     cache_format=cache_format)
+
+
+@_wbe.op("nope_qkv_decoding", arrays=_FB_W_ARRAYS + ("seqpos", "batch", "cache_seqpos", "amax_qkv"))
+def nope_qkv_decoding(XQ, XK, XV, cache_K, cache_V, seqpos, block_tables=None, page_size=64,
+                      actual_batch_size=None, batch=None, cache_seqpos=None, cache_logical_dtype_int=0,
+                      num_groups=1, qparam_k=None, qparam_v=None, k_norm=False, update_kv=True,
+                      amax_qkv=None, *, validate=True, check_finite=False, cache_format=None):
+    return _fb_write("nope_qkv_decoding", True, XQ, XK, XV, cache_K, cache_V, batch, seqpos, cache_seqpos,
+                     None, num_groups=num_groups, block_tables=block_tables, page_size=page_size,
+                     actual_batch_size=actual_batch_size, cache_logical_dtype_int=cache_logical_dtype_int,
+                     qparam_k=qparam_k, qparam_v=qparam_v, k_norm=k_norm, update_kv=update_kv,
+                     amax_qkv=amax_qkv, validate=validate, check_finite=check_finite,
+                     cache_format=cache_format)
+
+
+@_wbe.op("xpos_qkv_varseq_prefill", arrays=_FB_W_ARRAYS + ("varseq_batch", "varseq_seqpos",
+                                                          "varseq_cache_seqpos"))
+def xpos_qkv_varseq_prefill(XQ, XK, XV, cache_K, cache_V, varseq_batch, varseq_seqpos, theta, gamma,
+                            scale_base, exponent_offset, num_groups=1, block_tables=None, page_size=64,
+                            actual_batch_size=None, varseq_cache_seqpos=None, cache_logical_dtype_int=0,
+                            rope_scaling=False, old_context_len=8192, scaling_factor=16, lo_freq_factor=1,
+                            hi_freq_factor=32, qparam_k=None, qparam_v=None, *, validate=True,
+                            check_finite=False, cache_format=None):
+    from .rope import XPos  # noqa: PLC0415
+
+    pe = XPos(theta, gamma, scale_base, exponent_offset,
+              scaling=_fb_rope(theta, rope_scaling, old_context_len, scaling_factor, lo_freq_factor,
+                               hi_freq_factor))
+    return _fb_write("xpos_qkv_varseq_prefill", False, XQ, XK, XV, cache_K, cache_V, varseq_batch,
+                     varseq_seqpos, varseq_cache_seqpos, pe, num_groups=num_groups,
+                     block_tables=block_tables, page_size=page_size, actual_batch_size=actual_batch_size,
+                     cache_logical_dtype_int=cache_logical_dtype_int, qparam_k=qparam_k, qparam_v=qparam_v,
+                     has_fp8_head=False, validate=validate, check_finite=check_finite,
+                     cache_format=cache_format)
+
+
+@_wbe.op("xpos_qkv_decoding", arrays=_FB_W_ARRAYS + ("seqpos", "batch", "cache_seqpos"))
+def xpos_qkv_decoding(XQ, XK, XV, cache_K, cache_V, seqpos, theta, gamma, scale_base, exponent_offset,
+                      num_groups=1, block_tables=None, page_size=64, actual_batch_size=None, batch=None,
+                      cache_seqpos=None, cache_logical_dtype_int=0, rope_scaling=False, old_context_len=8192,
+                      scaling_factor=16, lo_freq_factor=1, hi_freq_factor=32, qparam_k=None, qparam_v=None,
+                      *, validate=True, check_finite=False, cache_format=None):
+    from .rope import XPos  # noqa: PLC0415
+
+    pe = XPos(theta, gamma, scale_base, exponent_offset,
+              scaling=_fb_rope(theta, rope_scaling, old_context_len, scaling_factor, lo_freq_factor,
+                               hi_freq_factor))
+    return _fb_write("xpos_qkv_decoding", True, XQ, XK, XV, cache_K, cache_V, batch, seqpos, cache_seqpos,
+                     pe, num_groups=num_groups, block_tables=block_tables, page_size=page_size,
+                     actual_batch_size=actual_batch_size, cache_logical_dtype_int=cache_logical_dtype_int,
+                     qparam_k=qparam_k, qparam_v=qparam_v, has_fp8_head=False, validate=validate,
+                     check_finite=check_finite, cache_format=cache_format)
+
+
+rope_qkv_varseq_prefill.__doc__ = _fb_doc(
+    "FBGEMM ``rope_qkv_varseq_prefill``: RoPE (adjacent pairs) on a packed prefill batch, K/V into the "
+    "cache.", _PREFILL_ARGS + "\n    " + _ROPE_ARGS + """
+    write_k_back : bool: store the rotated K into ``XK``; k_norm : bool: qk_norm with eps 0
+    update_kv : bool: ``False`` is Q-only mode; amax_qkv, kv_quant_scale_precomputed : FP8 per-head""")
+rope_qkv_decoding.__doc__ = _fb_doc(
+    "FBGEMM ``rope_qkv_decoding``: RoPE on one decode step, K/V into the cache.",
+    _DECODE_ARGS + "\n    " + _ROPE_ARGS + """
+    k_norm : bool: qk_norm with eps 0; update_kv : bool: ``False`` is Q-only mode
+    amax_qkv : float32 ``[B, HH]``: FP8 per-head amax (K/V use the stored scales)""")
+nope_qkv_varseq_prefill.__doc__ = _fb_doc(
+    "FBGEMM ``nope_qkv_varseq_prefill``: no position encoding; Q copied, K/V into the cache.",
+    _PREFILL_ARGS + """
+    k_norm, update_kv, amax_qkv, kv_quant_scale_precomputed : as in ``rope_qkv_varseq_prefill``""")
+nope_qkv_decoding.__doc__ = _fb_doc(
+    "FBGEMM ``nope_qkv_decoding``: no position encoding on one decode step.",
+    _DECODE_ARGS + """
+    k_norm, update_kv, amax_qkv : as in ``rope_qkv_decoding``""")
+xpos_qkv_varseq_prefill.__doc__ = _fb_doc(
+    "FBGEMM ``xpos_qkv_varseq_prefill``: xPos on a packed prefill batch (no FP8 per-head path, no "
+    "k_norm: use the native API for those).", _PREFILL_ARGS + """
+    theta, gamma, scale_base, exponent_offset, rope_scaling, ... : ``cukv.XPos(...)``""")
+xpos_qkv_decoding.__doc__ = _fb_doc(
+    "FBGEMM ``xpos_qkv_decoding``: xPos on one decode step (no FP8 per-head path).", _DECODE_ARGS + """
+    theta, gamma, scale_base, exponent_offset, rope_scaling, ... : ``cukv.XPos(...)``""")
+
 
 # ---------------------------------------------------------------------------------------- dequantizers
 # (SPEC §10.2, §10.3) dequantize_fp8_cache, dequantize_int4_cache, quantize_qkv_per_head

@@ -115,8 +115,8 @@ def rope_frequencies(D: int, theta: float = 10000.0, scaling: Llama31Scaling | N
     theta = _real("rope_frequencies", "theta", theta, positive=True)
     _check_scaling("rope_frequencies", scaling)
     D = int(D)
-    p2 = 2.0 * np.arange(D // 2, dtype=np.float64)
-    f = np.float64(theta) ** (-p2 / np.float64(D))
+    # libm pow per element: NumPy's vectorised power may differ in the last bit between builds
+    f = np.array([math.pow(theta, -(2.0 * p) / D) for p in range(D // 2)], dtype=np.float64)
     if scaling is None:
         return f
     old = np.float64(scaling.old_context_len)
