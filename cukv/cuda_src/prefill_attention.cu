@@ -1,0 +1,574 @@
+// cukv/cuda_src/prefill_attention.cu: variable-length (causal) prefill attention on tensor cores
+// (SPEC §8.2; math as §8.1).
+//
+// Algorithm: FlashAttention-2 forward. One CTA owns BM = NW*16*MT query rows of one lane and one query
+// head; warp w owns rows [w*16*MT, (w+1)*16*MT). The CTA walks the lane's key tiles of BN keys from the
+// last visible tile down to the first (tiles past the causal diagonal are never touched):
+//   S = Q K^T          mma.sync.m16n8k16 bf16 -> fp32, A = Q (ldmatrix), B = K (ldmatrix)
+//   online softmax     per row, in registers: m (running max, log2 units), l (running sum)
+//   O += P V           P = exp2(S*scale*log2e - m) rounded to bf16, B = V (ldmatrix.trans)
+// and finally O /= l, lse = (m + log2 l) * ln 2. Rows without a visible key give O = 0, lse = -inf.
+// Query row r of a lane sits at position r + L_k - L_q and sees keys j <= that (bottom-right causal).
+//
+// Shared memory (bf16, every tile row-major [rows][D], 16-byte chunk c of row r stored at chunk
+// c ^ (r & 7) so that ldmatrix is conflict-free): Q [BM][D], K [BN][D], V [BN][D], and in paged mode
+// one validity byte per key of the K tile. Nothing scales with the sequence length. Pipelining as in
+// FlashAttention-2: K and V have one buffer each; V(j) loads (cp.async) while S = Q K(j)^T runs, and
+// K(j-1) loads while the softmax and P V(j) run.
+//
+// K/V layouts (LAYOUT): PF_LINEAR covers packed [T_k, N_KVH, D] (the lane starts at row kstart) and
+// padded [B, KV_PAD, N_KVH, D] (lane b at b*stride_b); PF_PAGED reads [1, P*S, N_KVH, R] through
+// block tables (a key behind a page id outside [0, P) is excluded from attention). Strides are in
+// elements of the cache (bytes for uint8 caches); the host guarantees 16-byte aligned bf16 rows and
+// 4-byte aligned quantized rows. FMT != FMT_BF16 (padded or paged quantized caches) decodes each
+// 8-element chunk to the exact bf16 values of SPEC §2.3-§2.5 and stores it into the same tiles.
+//
+// prefill_plan<BM> runs first (one CTA): it clamps every lane's q/k ranges (validate=False guards,
+// SPEC §1.4) into plan[b] = {q_start, L_q, k_start, L_k} and prefix-sums the lane's query blocks into
+// blk_cum. CTA x of the attention grid takes head x % N_H and block x / N_H, found by binary search;
+// blocks are walked from the lane's last (largest causal work) to its first.
+#include "common.cuh"
+
+#define PF_LINEAR 0
+#define PF_PAGED 1
+
+#define PF_FMT_BF16 0
+#define PF_FMT_FP8 1
+#define PF_FMT_FP8_HEAD 2
+#define PF_FMT_INT4 3
+
+#define PF_NEG_INF (-__int_as_float(0x7f800000))
+#define PF_LN2 0.69314718055994530942f
+
+// ------------------------------------------------------------------------------------ PTX wrappers
+__device__ __forceinline__ u32 pf_smem_addr(const void* p) {
+  u32 r;
+  asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(r) : "l"(p));
+  return r;
+}
+
+// 16-byte global -> shared copy; nbytes = 0 writes 16 zero bytes and reads nothing.
+__device__ __forceinline__ void pf_cp_async16(u32 dst, const void* src, u32 nbytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(nbytes));
+}
+__device__ __forceinline__ void pf_cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N> __device__ __forceinline__ void pf_cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+__device__ __forceinline__ void pf_st_shared16(u32 dst, u32 a, u32 b, u32 c, u32 d) {
+  asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"r"(dst), "r"(a), "r"(b), "r"(c), "r"(d));
+}
+__device__ __forceinline__ void pf_st_shared4(u32 dst, u32 a) {
+  asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(dst), "r"(a));
+}
+__device__ __forceinline__ uint4 pf_ld_shared16(u32 src) {
+  uint4 v;
+  asm volatile("ld.shared.v4.b32 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "r"(src));
+  return v;
+}
+__device__ __forceinline__ void pf_st_shared_u8(u32 dst, u32 a) {
+  asm volatile("st.shared.u8 [%0], %1;\n" ::"r"(dst), "r"(a));
+}
+__device__ __forceinline__ u32 pf_ld_shared_u8(u32 src) {
+  u32 v;
+  asm volatile("ld.shared.u8 %0, [%1];\n" : "=r"(v) : "r"(src));
+  return v;
+}
+
+__device__ __forceinline__ void pf_ldsm_x4(u32 addr, u32& r0, u32& r1, u32& r2, u32& r3) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3) : "r"(addr));
+}
+__device__ __forceinline__ void pf_ldsm_x4_t(u32 addr, u32& r0, u32& r1, u32& r2, u32& r3) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3) : "r"(addr));
+}
+
+// D(16x8, fp32) += A(16x16, bf16, row) * B(16x8, bf16, col).
+__device__ __forceinline__ void pf_mma(float (&d)[4], u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+      "{%8, %9}, {%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ float pf_exp2(float x) {  // ex2(-inf) = +0
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+__device__ __forceinline__ float pf_log2(float x) {
+  float y;
+  asm("lg2.approx.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+// Element offset of 16-byte chunk c of row r in a swizzled [rows][D] tile.
+template <int D> __device__ __forceinline__ int pf_sw(int r, int c) { return r * D + ((c ^ (r & 7)) << 3); }
+
+template <bool C, typename A, typename B> struct pf_if { typedef A type; };
+template <typename A, typename B> struct pf_if<false, A, B> { typedef B type; };
+
+__device__ __forceinline__ int pf_clamp(int v, int lo, int hi) { return v < lo ? lo : (v > hi ? hi : v); }
+
+// ------------------------------------------------------------------------------------ plan
+// plan[b] = {q_start, L_q, k_start, L_k} with every range clamped into its array; blk_cum[b+1] =
+// sum_{b' <= b} ceil(L_q(b') / bm) (saturated at INT_MAX). cu_k null: lengths from lens_k (padded or
+// paged, k_start = 0). One CTA of a multiple of 32 threads.
+__global__ void prefill_plan(const int* __restrict__ cu_q, int t_q, const int* __restrict__ cu_k,
+                             const int* __restrict__ lens_k, int cap_k, int bm, int n_lanes,
+                             int* __restrict__ plan, int* __restrict__ blk_cum) {
+  __shared__ long long warp_tot[32];
+  __shared__ long long carry;
+  const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
+  if (threadIdx.x == 0) { carry = 0; blk_cum[0] = 0; }
+  __syncthreads();
+  for (int base = 0; base < n_lanes; base += blockDim.x) {
+    const int b = base + threadIdx.x;
+    long long v = 0;
+    if (b < n_lanes) {
+      const int qs = pf_clamp(cu_q[b], 0, t_q), qe = pf_clamp(cu_q[b + 1], 0, t_q);
+      const int lq = qe > qs ? qe - qs : 0;
+      int ks = 0, lk;
+      if (cu_k) {
+        ks = pf_clamp(cu_k[b], 0, cap_k);
+        const int ke = pf_clamp(cu_k[b + 1], 0, cap_k);
+        lk = ke > ks ? ke - ks : 0;
+      } else {
+        lk = pf_clamp(lens_k[b], 0, cap_k);
+      }
+      plan[4 * b + 0] = qs;
+      plan[4 * b + 1] = lq;
+      plan[4 * b + 2] = ks;
+      plan[4 * b + 3] = lk;
+      v = (lq + bm - 1) / bm;
+    }
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+      const long long t = __shfl_up_sync(CUKV_FULL_MASK, v, o);
+      if (lane >= o) v += t;
+    }
+    if (lane == 31) warp_tot[w] = v;
+    __syncthreads();
+    if (w == 0) {
+      long long t = lane < nw ? warp_tot[lane] : 0;
+#pragma unroll
+      for (int o = 1; o < 32; o <<= 1) {
+        const long long u = __shfl_up_sync(CUKV_FULL_MASK, t, o);
+        if (lane >= o) t += u;
+      }
+      warp_tot[lane] = t;
+    }
+    __syncthreads();
+    const long long incl = carry + v + (w > 0 ? warp_tot[w - 1] : 0);
+    if (b < n_lanes) blk_cum[b + 1] = incl < 0x7fffffffLL ? (int)incl : 0x7fffffff;
+    __syncthreads();
+    if (threadIdx.x == blockDim.x - 1) carry = incl;
+    __syncthreads();
+  }
+}
+
+// ------------------------------------------------------------------------------------ K/V decode
+// 8 elements [8c, 8c+8) of one cache row -> four words of two bf16 each (SPEC §2.3-§2.5 values).
+// fp8: w = (scale | shift << 16) fp16 bits; fp8_head: s = the scale; int4: group words read here.
+template <int FMT>
+__device__ __forceinline__ void pf_decode_chunk(const u8* row, int c, u32 w, float s, int D, int G,
+                                                u32 (&o)[4]) {
+  if (FMT == PF_FMT_INT4) {
+    const int g = (8 * c) / (D / G);
+    const u32 wg = *reinterpret_cast<const u32*>(row + 4 * g);
+    const u32 p = *reinterpret_cast<const u32*>(row + 4 * G + 4 * c);
+    const u16 sc = (u16)(wg & 0xffffu), sh = (u16)(wg >> 16);
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      const float lo = f16_to_f32(f16_fma(u4_to_f16((p >> (8 * k)) & 0xfu), sc, sh));
+      const float hi = f16_to_f32(f16_fma(u4_to_f16((p >> (8 * k + 4)) & 0xfu), sc, sh));
+      o[k] = (u32)f32_to_bf16(lo) | ((u32)f32_to_bf16(hi) << 16);
+    }
+  } else {
+    // fp8 codes start after the inline word (external words: the host passes off = 0 via row).
+    const u32 c0 = *reinterpret_cast<const u32*>(row + 8 * c);
+    const u32 c1 = *reinterpret_cast<const u32*>(row + 8 * c + 4);
+    float scale = s, shift = 0.0f;
+    if (FMT == PF_FMT_FP8) {
+      scale = f16_to_f32((u16)(w & 0xffffu));
+      shift = f16_to_f32((u16)(w >> 16));
+    }
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      const u32 cw = k < 2 ? c0 : c1;
+      const int sh8 = (k & 1) * 16;
+      float lo = __fmul_rn(e4m3_to_f32((cw >> sh8) & 0xffu), scale);   // exact for fp8
+      float hi = __fmul_rn(e4m3_to_f32((cw >> (sh8 + 8)) & 0xffu), scale);
+      if (FMT == PF_FMT_FP8) { lo = __fadd_rn(lo, shift); hi = __fadd_rn(hi, shift); }
+      o[k] = (u32)f32_to_bf16(lo) | ((u32)f32_to_bf16(hi) << 16);
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------ attention
+struct PfArgs {
+  const u16* q;            // bf16 [*, N_H, D] with strides q_st (token), q_sh (head), elements
+  long long q_st, q_sh;
+  const void* k;           // cache base (bf16 elements or uint8 bytes)
+  const void* v;
+  long long k_sb, k_st, k_sh, v_sb, v_st, v_sh;  // strides: lane (linear), row, head
+  const int* plan;         // [B][4]
+  const int* blk_cum;      // [B+1]
+  const int* block_tables; // [B, max_pages] (paged)
+  const int* qp_k;         // fp8 external words (contiguous [rows, N_KVH]) or fp8_head scales [B, N_KVH]
+  const int* qp_v;
+  u16* out;                // bf16 [T_q, N_H, D], contiguous
+  float* lse;              // float32 [T_q, N_H] or null
+};
+
+template <int D, int MT, int NW, int BN, bool QREG, int LAYOUT, int FMT, int MINB>
+__global__ void __launch_bounds__(NW * 32, MINB)
+prefill_attention_fwd(const u16* __restrict__ q, long long q_st, long long q_sh,
+                      const void* __restrict__ k, const void* __restrict__ v,
+                      long long k_sb, long long k_st, long long k_sh,
+                      long long v_sb, long long v_st, long long v_sh,
+                      const int* __restrict__ plan, const int* __restrict__ blk_cum,
+                      const int* __restrict__ block_tables, const int* __restrict__ qp_k,
+                      const int* __restrict__ qp_v, u16* __restrict__ out, float* __restrict__ lse,
+                      int n_lanes, int n_heads, int group, int n_kvh, int causal, float scale_log2,
+                      int max_pages, int page_size, int n_pages, int kv_pad, int n_groups, int qp_off) {
+  const PfArgs a = {q, q_st, q_sh, k, v, k_sb, k_st, k_sh, v_sb, v_st, v_sh, plan, blk_cum,
+                    block_tables, qp_k, qp_v, out, lse};
+  constexpr int NT = NW * 32;
+  constexpr int BM = NW * 16 * MT;
+  constexpr int CH = D / 8;               // 16-byte chunks per row
+  constexpr int NB = BN / 8;              // n8 blocks of S per m16 tile
+  constexpr int ND = D / 8;               // n8 blocks of O per m16 tile
+  static_assert((BM * CH) % NT == 0 && (BN * CH) % NT == 0, "tile loads must divide evenly");
+  static_assert(BN % 16 == 0 && D % 16 == 0, "BN and D must be multiples of 16");
+
+  extern __shared__ __align__(128) unsigned char pf_smem[];
+  const u32 sQ = pf_smem_addr(pf_smem);
+  const u32 sK = sQ + BM * D * 2;
+  const u32 sV = sK + BN * D * 2;
+  const u32 sF = sV + BN * D * 2;         // paged: one validity byte per key of the K tile
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int g = lane >> 2, tig = lane & 3;
+
+  // ---- which (lane, query block, head)
+  const int h = (int)(blockIdx.x % (unsigned)n_heads);
+  const int gb = (int)(blockIdx.x / (unsigned)n_heads);
+  int lo = 0, hi = n_lanes;
+  while (hi - lo > 1) {
+    const int mid = (lo + hi) >> 1;
+    if (a.blk_cum[mid] <= gb) lo = mid; else hi = mid;
+  }
+  const int b = lo;
+  const int qs = a.plan[4 * b + 0], lq = a.plan[4 * b + 1], ks = a.plan[4 * b + 2], lk = a.plan[4 * b + 3];
+  const int nblk = (lq + BM - 1) / BM;
+  const int local = gb - a.blk_cum[b];
+  if (local < 0 || local >= nblk) return;
+  const int m0 = (nblk - 1 - local) * BM;
+  const int kvh = h / group;
+  const int shift = lk - lq;              // query row r sits at position r + shift
+
+  int n_end = lk;
+  if (causal) {
+    const int last = (m0 + BM < lq ? m0 + BM : lq) - 1;
+    const int lim = last + shift + 1;
+    n_end = lim < lk ? lim : lk;
+  }
+  const int n_tiles = n_end > 0 ? (n_end + BN - 1) / BN : 0;
+
+  // ---- K/V row addressing
+  typedef typename pf_if<FMT == PF_FMT_BF16, u16, u8>::type CT;
+  const CT* kbase = reinterpret_cast<const CT*>(a.k) + (long long)kvh * a.k_sh;
+  const CT* vbase = reinterpret_cast<const CT*>(a.v) + (long long)kvh * a.v_sh;
+  if (LAYOUT == PF_LINEAR) {
+    kbase += (long long)b * a.k_sb + (long long)ks * a.k_st;
+    vbase += (long long)b * a.v_sb + (long long)ks * a.v_st;
+  }
+  const int* bt = LAYOUT == PF_PAGED ? a.block_tables + (long long)b * max_pages : nullptr;
+
+  // Physical row of key t (< lk) of this lane, or -1 when its page id is out of range.
+  auto phys_row = [&](int t) -> long long {
+    if (LAYOUT == PF_LINEAR) return (long long)t;
+    const int pid = bt[t / page_size];
+    if (pid < 0 || pid >= n_pages) return -1;
+    return (long long)pid * page_size + t % page_size;
+  };
+  // Row index into external per-row qparams ([B, KV_PAD, N_KVH] or [1, P*S, N_KVH], contiguous).
+  auto qp_row = [&](long long pr) -> long long {
+    return LAYOUT == PF_LINEAR ? (long long)b * kv_pad + pr : pr;
+  };
+
+  // Load (or decode) key tile starting at n0 into smem tile dst. Returns true if a key < lk of the
+  // tile sits behind an invalid page (paged; K only writes the validity bytes).
+  // Thread tid copies chunk lc of rows lr + i*RSTEP of every tile (RSTEP = NT / CH rows per pass).
+  constexpr int RSTEP = NT / CH;
+  const int lr = tid / CH, lc = tid % CH;
+  auto sw_dst = [&](u32 tile, int i) -> u32 {
+    const int r = lr + i * RSTEP;
+    return tile + (r * D + ((lc ^ (r & 7)) << 3)) * 2;
+  };
+
+  // Load (bf16: cp.async) or decode (quantized: synchronous) the key tile starting at n0 into smem
+  // tile dst; keys >= lk and keys behind an invalid page become zeros. Returns true if a key < lk of
+  // the tile sits behind an invalid page (paged); K loads also write the per-key validity bytes.
+  auto load_kv = [&](const CT* base, long long st, u32 dst, int n0, bool is_k) -> bool {
+    bool bad = false;
+    if (LAYOUT == PF_LINEAR && FMT == PF_FMT_BF16) {
+      const int rem = lk - n0 - lr;                // row i is a key < lk iff i * RSTEP < rem
+      const CT* p = base + (long long)(n0 + lr) * st + lc * 8;
+      const long long step = (long long)RSTEP * st;
+#pragma unroll
+      for (int i = 0; i < BN / RSTEP; ++i) {
+        const bool ok = i * RSTEP < rem;
+        pf_cp_async16(sw_dst(dst, i), ok ? p : base, ok ? 16u : 0u);
+        p += step;
+      }
+      return false;
+    }
+#pragma unroll
+    for (int i = 0; i < BN / RSTEP; ++i) {
+      const int r = lr + i * RSTEP;
+      const int t = n0 + r;
+      long long pr = -1;
+      if (t < lk) {
+        pr = phys_row(t);
+        if (pr < 0) bad = true;
+      }
+      if (LAYOUT == PF_PAGED && is_k && lc == 0) pf_st_shared_u8(sF + r, pr >= 0 ? 1u : 0u);
+      const u32 d = sw_dst(dst, i);
+      if (FMT == PF_FMT_BF16) {
+        const CT* src = pr >= 0 ? base + pr * st + lc * 8 : base;
+        pf_cp_async16(d, src, pr >= 0 ? 16u : 0u);
+      } else {
+        u32 o[4] = {0u, 0u, 0u, 0u};
+        if (pr >= 0) {
+          const u8* row = reinterpret_cast<const u8*>(base + pr * st);
+          u32 w = 0;
+          float s = 0.0f;
+          if (FMT == PF_FMT_FP8) {
+            const int* qp = is_k ? a.qp_k : a.qp_v;
+            w = qp ? (u32)qp[qp_row(pr) * n_kvh + kvh] : *reinterpret_cast<const u32*>(row);
+          } else if (FMT == PF_FMT_FP8_HEAD) {
+            const int* qp = is_k ? a.qp_k : a.qp_v;
+            s = __int_as_float(qp[(long long)b * n_kvh + kvh]);
+          }
+          pf_decode_chunk<FMT>(row + (FMT == PF_FMT_FP8 ? qp_off : 0), lc, w, s, D, n_groups, o);
+        }
+        pf_st_shared16(d, o[0], o[1], o[2], o[3]);
+      }
+    }
+    return bad;
+  };
+
+  // ---- prologue: Q tile, last K tile
+  {
+    const int rem = lq - m0 - lr;
+    const u16* p = a.q + ((long long)qs + m0 + lr) * a.q_st + (long long)h * a.q_sh + lc * 8;
+    const long long step = (long long)RSTEP * a.q_st;
+#pragma unroll
+    for (int i = 0; i < BM / RSTEP; ++i) {
+      const bool ok = i * RSTEP < rem;
+      pf_cp_async16(sw_dst(sQ, i), ok ? p : a.q, ok ? 16u : 0u);
+      p += step;
+    }
+  }
+  pf_cp_async_commit();
+  bool k_bad = false;
+  if (n_tiles > 0) k_bad = load_kv(kbase, a.k_st, sK, (n_tiles - 1) * BN, true);
+  pf_cp_async_commit();
+
+  const int wrow = warp * 16 * MT;        // first row of this warp inside the block
+
+  // ldmatrix byte offsets. Every row a thread addresses has (row & 7) == (lane & 7), and its chunk is
+  // 2*kd + hi (hi = 0 or 1), so the swizzled chunk (2*kd + hi) ^ (lane & 7) equals
+  // 8*(kd >> 2) + ((2*(kd & 3)) ^ y) with y = hi ^ (lane & 7): four per-thread offsets per operand,
+  // everything else is a compile-time immediate.
+  u32 offQ[4], offK[4], offV[4];
+  {
+    const int x7 = lane & 7;
+    const int yq = (lane >> 4) ^ x7, yk = ((lane >> 3) & 1) ^ x7;
+    const int rq = wrow + (lane & 15), rk = (lane & 7) + ((lane >> 4) << 3), rv = lane & 15;
+#pragma unroll
+    for (int jj = 0; jj < 4; ++jj) {
+      offQ[jj] = sQ + rq * D * 2 + (((2 * jj) ^ yq) << 4);
+      offK[jj] = sK + rk * D * 2 + (((2 * jj) ^ yk) << 4);
+      offV[jj] = sV + rv * D * 2 + (((2 * jj) ^ yq) << 4);
+    }
+  }
+
+  float o_acc[MT][ND][4];
+  float m_run[MT][2], l_run[MT][2];
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+    for (int nd = 0; nd < ND; ++nd)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) o_acc[mt][nd][e] = 0.0f;
+    m_run[mt][0] = m_run[mt][1] = PF_NEG_INF;
+    l_run[mt][0] = l_run[mt][1] = 0.0f;
+  }
+
+  u32 qf[QREG ? MT : 1][QREG ? D / 16 : 1][4];
+  if (QREG) {
+    pf_cp_async_wait<1>();
+    __syncthreads();
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int kd = 0; kd < D / 16; ++kd)
+        pf_ldsm_x4(offQ[kd & 3] + mt * 16 * D * 2 + (kd >> 2) * 128, qf[mt][kd][0], qf[mt][kd][1],
+                   qf[mt][kd][2], qf[mt][kd][3]);
+  }
+
+  for (int j = n_tiles - 1; j >= 0; --j) {
+    const int n0 = j * BN;
+    pf_cp_async_wait<0>();
+    const bool any_bad = LAYOUT == PF_PAGED ? (__syncthreads_or(k_bad ? 1 : 0) != 0)
+                                            : (__syncthreads(), false);
+    load_kv(vbase, a.v_st, sV, n0, false);
+    pf_cp_async_commit();
+
+    // ---- S = Q K^T
+    float s[MT][NB][4];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int nb = 0; nb < NB; ++nb)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s[mt][nb][e] = 0.0f;
+#pragma unroll
+    for (int kd = 0; kd < D / 16; ++kd) {
+      u32 af[MT][4];
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        if (QREG) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) af[mt][e] = qf[QREG ? mt : 0][QREG ? kd : 0][e];
+        } else {
+          pf_ldsm_x4(offQ[kd & 3] + mt * 16 * D * 2 + (kd >> 2) * 128, af[mt][0], af[mt][1], af[mt][2],
+                     af[mt][3]);
+        }
+      }
+#pragma unroll
+      for (int nb2 = 0; nb2 < NB / 2; ++nb2) {
+        u32 b0, b1, b2, b3;
+        pf_ldsm_x4(offK[kd & 3] + nb2 * 16 * D * 2 + (kd >> 2) * 128, b0, b1, b2, b3);
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+          pf_mma(s[mt][2 * nb2], af[mt][0], af[mt][1], af[mt][2], af[mt][3], b0, b1);
+          pf_mma(s[mt][2 * nb2 + 1], af[mt][0], af[mt][1], af[mt][2], af[mt][3], b2, b3);
+        }
+      }
+    }
+
+    // ---- mask: keys >= lk, the causal diagonal, keys behind invalid pages
+    const bool edge = n0 + BN > lk || (causal && n0 + BN - 1 > m0 + wrow + shift);
+    if (edge || any_bad) {
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int nb = 0; nb < NB; ++nb)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int row = m0 + wrow + mt * 16 + g + ((e >> 1) << 3);
+            const int key = n0 + nb * 8 + 2 * tig + (e & 1);
+            bool vis = key < lk && (!causal || key <= row + shift);
+            if (LAYOUT == PF_PAGED && any_bad && vis) vis = pf_ld_shared_u8(sF + (key - n0)) != 0;
+            if (!vis) s[mt][nb][e] = PF_NEG_INF;
+          }
+    }
+
+    pf_cp_async_wait<0>();
+    __syncthreads();
+    if (j > 0) k_bad = load_kv(kbase, a.k_st, sK, n0 - BN, true);
+    pf_cp_async_commit();
+
+    // ---- online softmax (rows g and g + 8 of every m16 tile; a row lives in one quad)
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int hr = 0; hr < 2; ++hr) {
+        float mx = PF_NEG_INF;
+#pragma unroll
+        for (int nb = 0; nb < NB; ++nb) mx = fmaxf(mx, fmaxf(s[mt][nb][2 * hr], s[mt][nb][2 * hr + 1]));
+        mx = fmaxf(mx, __shfl_xor_sync(CUKV_FULL_MASK, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(CUKV_FULL_MASK, mx, 2));
+        const float m_new = fmaxf(m_run[mt][hr], mx * scale_log2);
+        const float m_use = m_new == PF_NEG_INF ? 0.0f : m_new;
+        const float alpha = pf_exp2(m_run[mt][hr] - m_use);
+        m_run[mt][hr] = m_new;
+        float sum = 0.0f;
+#pragma unroll
+        for (int nb = 0; nb < NB; ++nb)
+#pragma unroll
+          for (int e = 2 * hr; e < 2 * hr + 2; ++e) {
+            const float p = pf_exp2(__fmaf_rn(s[mt][nb][e], scale_log2, -m_use));
+            s[mt][nb][e] = p;
+            sum += p;
+          }
+        l_run[mt][hr] = l_run[mt][hr] * alpha + sum;
+#pragma unroll
+        for (int nd = 0; nd < ND; ++nd) {
+          o_acc[mt][nd][2 * hr] *= alpha;
+          o_acc[mt][nd][2 * hr + 1] *= alpha;
+        }
+      }
+
+    // ---- O += P V
+#pragma unroll
+    for (int kk = 0; kk < BN / 16; ++kk) {
+      u32 pa[MT][4];
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        pa[mt][0] = pack_bf16x2(s[mt][2 * kk][0], s[mt][2 * kk][1]);
+        pa[mt][1] = pack_bf16x2(s[mt][2 * kk][2], s[mt][2 * kk][3]);
+        pa[mt][2] = pack_bf16x2(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
+        pa[mt][3] = pack_bf16x2(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
+      }
+#pragma unroll
+      for (int nd2 = 0; nd2 < ND / 2; ++nd2) {
+        u32 b0, b1, b2, b3;
+        pf_ldsm_x4_t(offV[nd2 & 3] + kk * 16 * D * 2 + (nd2 >> 2) * 128, b0, b1, b2, b3);
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+          pf_mma(o_acc[mt][2 * nd2], pa[mt][0], pa[mt][1], pa[mt][2], pa[mt][3], b0, b1);
+          pf_mma(o_acc[mt][2 * nd2 + 1], pa[mt][0], pa[mt][1], pa[mt][2], pa[mt][3], b2, b3);
+        }
+      }
+    }
+  }
+
+  // ---- epilogue: O / l through the warp's rows of the Q tile, 16-byte stores; lse
+  pf_cp_async_wait<0>();
+  __syncthreads();
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int hr = 0; hr < 2; ++hr) {
+      float l = l_run[mt][hr];
+      l += __shfl_xor_sync(CUKV_FULL_MASK, l, 1);
+      l += __shfl_xor_sync(CUKV_FULL_MASK, l, 2);
+      const float inv = l > 0.0f ? 1.0f / l : 0.0f;
+      const int r = wrow + mt * 16 + g + hr * 8;
+#pragma unroll
+      for (int nd = 0; nd < ND; ++nd)
+        pf_st_shared4(sQ + (pf_sw<D>(r, nd) + 2 * tig) * 2,
+                      pack_bf16x2(o_acc[mt][nd][2 * hr] * inv, o_acc[mt][nd][2 * hr + 1] * inv));
+      if (a.lse && tig == 0 && m0 + r < lq)
+        a.lse[((long long)qs + m0 + r) * n_heads + h] =
+            l > 0.0f ? (m_run[mt][hr] + pf_log2(l)) * PF_LN2 : PF_NEG_INF;
+    }
+  __syncwarp();
+#pragma unroll
+  for (int i = 0; i < 16 * MT * CH / 32; ++i) {
+    const int idx = lane + 32 * i;
+    const int r = wrow + idx / CH, c = idx % CH;
+    if (m0 + r < lq) {
+      const uint4 v = pf_ld_shared16(sQ + pf_sw<D>(r, c) * 2);
+      *reinterpret_cast<uint4*>(a.out + (((long long)qs + m0 + r) * n_heads + h) * D + c * 8) = v;
+    }
+  }
+}
