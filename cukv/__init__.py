@@ -12,5 +12,6 @@ from .per_head import quantize_qkv_per_head  # noqa: F401
 from .kvcache import KVCache  # noqa: F401
 from .rope import RoPE, XPos, Llama31Scaling, rope_frequencies  # noqa: F401
 from .cache_write import write_kv_prefill, write_kv_decode  # noqa: F401
+from .attention_prefill import prefill_attention  # noqa: F401
 
 __version__ = "0.1.0"
