@@ -17,6 +17,23 @@ BF16 = ml_dtypes.bfloat16
 
 EPS = 1e-6
 SHAPES = [(65536, 4096), (32768, 8192), (524288, 128)]
+# Launch plans compared against the default (registers per lane vs resident warps vs re-reading).
+PLANS = {
+    (65536, 4096): [
+        ("registers, V=1 (nw=16)", norm_mod.plan(4096, v_max=1)),
+        ("registers, V=2 (nw=8)", norm_mod.plan(4096, v_max=2)),
+        ("registers, V=4 (nw=4), 1 row/block", norm_mod.plan(4096, v_max=4, rows_per_block=1)),
+        ("registers, V=4 (nw=4), 4 rows/block", norm_mod.plan(4096, v_max=4, rows_per_block=4)),
+        ("registers, V=8 (nw=2)", norm_mod.plan(4096, v_max=8)),
+        ("registers, V=16 (nw=1)", norm_mod.plan(4096, v_max=16)),
+        ("stream (re-read)", norm_mod.plan(4096, kernel="stream")),
+    ],
+    (32768, 8192): [
+        ("registers, V=2 (nw=16)", norm_mod.plan(8192, v_max=2)),
+        ("registers, V=8 (nw=4)", norm_mod.plan(8192, v_max=8)),
+        ("stream (re-read)", norm_mod.plan(8192, kernel="stream")),
+    ],
+}
 
 
 def torch_rms_norm(x, w):
@@ -48,12 +65,10 @@ def bench_norm(ctx):
             extra["torch_eager_ms"] = round(eager_ms, 5)
         ctx.record("rms_norm bf16, bf16 weight", shape, ms, nbytes, peer="torch.compile", peer_ms=peer_ms,
                    extra=extra)
+        for label, p in PLANS.get(shape, ()):
+            pms = ctx.time(lambda: norm_mod.run_kernel(x, w, EPS, out, p))
+            ctx.record(f"rms_norm plan: {label}", shape, pms, nbytes, extra={"plan": _plan_str(p)})
         if shape == (65536, 4096):
-            for label, p in (("registers, V=4 (nw=4)", norm_mod.plan(N, v_max=4)),
-                             ("registers, V=16 (nw=1)", norm_mod.plan(N, v_max=16)),
-                             ("stream (re-read)", norm_mod.plan(N, kernel="stream"))):
-                pms = ctx.time(lambda: norm_mod.run_kernel(x, w, EPS, out, p))
-                ctx.record(f"rms_norm plan: {label}", shape, pms, nbytes, extra={"plan": _plan_str(p)})
             xf = x.astype("float32")
             outf = cp.empty(shape, dtype=BF16)
             fms = ctx.time(lambda: cukv.rms_norm(xf, None, EPS, out=outf))
