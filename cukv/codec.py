@@ -103,8 +103,9 @@ def quantize(x, fmt, *, external_qparams=False, scale=None):
     lead = tuple(int(s) for s in x.shape[:-1])
     s_b = _row_scale(op, scale, lead, xp) if kind == "fp8_head" else None
     if not be.gpu:
-        return ref.quantize(np.asarray(x).astype(np.float32), fmt, external_qparams=external_qparams,
-                            scale=s_b)
+        r = ref.quantize(np.asarray(x).astype(np.float32), fmt, external_qparams=external_qparams,
+                         scale=s_b)
+        return _mark_codes(r, kind, external_qparams)
     W, V = _compile.team_shape(D)
     fcode, G = fmt_targs(fmt)
     x = xp.ascontiguousarray(x)
@@ -119,7 +120,17 @@ def quantize(x, fmt, *, external_qparams=False, scale=None):
     _compile.launch(k, (-(-n * W // _BLOCK),), (_BLOCK,),
                     (x, _compile.i64(n), _compile.i32(D), out, _compile.i32(row_stride), words, srow,
                      _compile.i32(vec)))
-    return (out, words) if external_qparams else out
+    return _mark_codes((out, words) if external_qparams else out, kind, external_qparams)
+
+
+def _mark_codes(r, kind, external_qparams):
+    """Pure e4m3fn code arrays (fp8_head rows, external fp8 codes) come back to torch callers as
+    ``float8_e4m3fn``; rows with inline qparams stay uint8."""
+    if kind == "fp8_head":
+        return _backend.fp8_result(r)
+    if kind == "fp8" and external_qparams:
+        return _backend.fp8_result(r[0]), r[1]
+    return r
 
 
 @_backend.op("dequantize", arrays=("rows", "qparams", "scale"))

@@ -216,16 +216,17 @@ def quantize_qkv_per_head(amax, xq, xk, xv, cache_k, cache_v, cache_pos, *, toke
 
     if not be.gpu:
         vt = vt_host if vt_host is not None else int(vt_dev[0])
-        return ref.quantize_qkv_per_head(
+        xq8, sq = ref.quantize_qkv_per_head(
             amax, xq, xk, xv, cache_k, cache_v, cache_pos, token_lane, scale_precomputed,
             qparam_k if kv else None, qparam_v if kv else None,
             block_tables if geom is not None and geom.paged else None,
             geom.page_size if geom is not None else 64, vt, out)
+        return _backend.fp8_result(xq8), sq
 
     out = out if out is not None else xp.empty((B_T, N_H, D), np.uint8)
     scale_q = xp.zeros((B, N_KVH), np.float32)
     if B_T == 0:
-        return out, scale_q
+        return _backend.fp8_result(out), scale_q
     i32, i64 = _compile.i32, _compile.i64
     amax_c = xp.ascontiguousarray(amax)
     scr = xp.empty((B, 1 + 2 * N_KVH), np.float32)
@@ -261,7 +262,7 @@ def quantize_qkv_per_head(amax, xq, xk, xv, cache_k, cache_v, cache_pos, *, toke
         i32(geom.n_pages if paged else 0), i32(geom.rows if geom is not None and not paged else 0),
         i32(paged), i64(capacity), vt_dev, i64(vt_host if vt_host is not None else 0), i32(B),
         i64(B_T), i32(N_H), i32(N_KVH), i32(D), i32(kv)))
-    return out, scale_q
+    return _backend.fp8_result(out), scale_q
 
 
 def _to_host(a):
