@@ -174,7 +174,7 @@ def launch(kernel, grid, block, args, shared_mem: int = 0) -> None:
     """Launch on CuPy's current stream. Scalars must be NumPy scalars (``np.int32(...)``):
     a Python float passed to a ``float`` parameter would arrive as 0.0."""
     for a in args:
-        if isinstance(a, (int, float, bool)):
+        if isinstance(a, (int, float, bool)) and not isinstance(a, np.generic):  # np.float64 is a float
             raise TypeError(f"cukv internal error: kernel scalar {a!r} must be a numpy scalar")
     args = tuple(np.uint64(0) if a is None else a for a in args)   # None: a null pointer
     grid = tuple(int(g) for g in (grid if isinstance(grid, tuple) else (grid,)))

@@ -6,6 +6,7 @@ tables, so kernel and reference differ only in the last bit of a float64 ``cos``
 """
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from dataclasses import dataclass
@@ -143,13 +144,22 @@ def xpos_zeta(D: int, gamma: float) -> np.ndarray:
 def position_tables(pos_enc, D: int, op: str = "position_tables"):
     """``(mode, interleaved, freqs, zeta)`` for a position encoding: ``mode`` 0 NoPE, 1 RoPE, 2 xPos.
 
-    ``freqs`` / ``zeta`` are float64 ``[D/2]`` host arrays, or ``None`` where unused.
+    ``freqs`` / ``zeta`` are float64 ``[D/2]`` host arrays (read-only, memoized per
+    ``(pos_enc, D)``), or ``None`` where unused.
     """
     if pos_enc is None:
         return 0, True, None, None
+    if not isinstance(pos_enc, (RoPE, XPos)):
+        raise TypeError(f"{op}: pos_enc: expected cukv.RoPE, cukv.XPos or None, got {type(pos_enc).__name__}")
+    return _tables(pos_enc, int(D))
+
+
+@functools.lru_cache(maxsize=64)
+def _tables(pos_enc, D):
+    f = rope_frequencies(D, pos_enc.theta, pos_enc.scaling)
+    f.flags.writeable = False
     if isinstance(pos_enc, XPos):
-        return (2, bool(pos_enc.interleaved), rope_frequencies(D, pos_enc.theta, pos_enc.scaling),
-                xpos_zeta(D, pos_enc.gamma))
-    if isinstance(pos_enc, RoPE):
-        return 1, bool(pos_enc.interleaved), rope_frequencies(D, pos_enc.theta, pos_enc.scaling), None
-    raise TypeError(f"{op}: pos_enc: expected cukv.RoPE, cukv.XPos or None, got {type(pos_enc).__name__}")
+        z = xpos_zeta(D, pos_enc.gamma)
+        z.flags.writeable = False
+        return 2, bool(pos_enc.interleaved), f, z
+    return 1, bool(pos_enc.interleaved), f, None

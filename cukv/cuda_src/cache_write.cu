@@ -225,12 +225,18 @@ __global__ void __launch_bounds__(CW_BLOCK) write_kv(
         if (r < rows) raw[k] = load_raw8(row_ptr(r) + e0, vin);
       }
     }
-#pragma unroll
+    // Not unrolled (one copy of the row code keeps compile time down); raw[k] is picked by selects
+    // so the prefetched rows stay in registers.
+#pragma unroll 1
     for (int k = 0; k < CW_NPF; ++k) {
       const int r = base + k * rstep;
       if (r >= rows) break;
+      uint4 u = raw[0];
+#pragma unroll
+      for (int j = 1; j < CW_NPF; ++j)
+        if (k == j) u = raw[j];
       float y[1][8];
-      unpack_bf16x8(raw[k], y[0]);
+      unpack_bf16x8(u, y[0]);
       const int kind = r < n_h ? 0 : (r < n_h + n_kvh ? 1 : 2);
       if (kind != 2) {
         if (mode) rotate8<W>(y[0], e0, inter, mode == 2, s_cos, s_sin, kind == 0 ? s_zq : s_zk);
