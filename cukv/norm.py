@@ -60,10 +60,12 @@ def plan(N: int, v_max: int = V_MAX, kernel: str = "rows", rows_per_block: int |
     Rows of up to 32 chunks of 8 use one team of ``W = pow2(N/8)`` lanes, one chunk each; longer rows a
     warp with up to ``v_max`` chunks per lane, then ``nw`` warps per row (shared-memory sum), up to 16
     warps (with 8 chunks per lane if ``v_max`` chunks are not enough); longer rows (more than 32768
-    elements) use the streaming kernel. Blocks hold ``rows_per_block`` rows (default: 256 threads'
-    worth). ``scripts/bench_norm.py`` compares plans; ``v_max``, ``kernel`` and ``rows_per_block`` exist
-    for it. On an H100, 65536 x 4096 bf16 ran at 98% of copy with 4 chunks per lane, 83% with 8 and
-    74% with 16 (fewer registers, more resident warps), and 92% with the streaming kernel.
+    elements) use the streaming kernel. Blocks hold ``rows_per_block`` rows (default: one multi-warp
+    row, or 256 threads' worth of single-warp teams). ``scripts/bench_norm.py`` compares plans;
+    ``v_max``, ``kernel`` and ``rows_per_block`` exist for it. On an H100, 65536 x 4096 bf16 ran at
+    99% of copy with 4 chunks per lane and one row per block (98% with 2 rows, 94% with 4), 95% with
+    2 chunks, 83% with 8, 74% with 16 (registers per lane limit resident warps) and 92% with the
+    streaming kernel.
     """
     n8 = max(1, int(N) // 8)
     if v_max not in (1, 2, 4, 8, 16):
@@ -86,8 +88,9 @@ def plan(N: int, v_max: int = V_MAX, kernel: str = "rows", rows_per_block: int |
                 return Plan("stream", block=_STREAM_BLOCK)
         V = _pow2(-(-n8 // (32 * nw)))
     L = W * nw
-    rpb = rows_per_block if rows_per_block is not None else max(1, _BLOCK // L)
-    return Plan("rows", W, V, nw, L * rpb)
+    if rows_per_block is None:     # multi-warp rows: one row per block (no barrier shared by rows)
+        rows_per_block = 1 if nw > 1 else max(1, _BLOCK // L)
+    return Plan("rows", W, V, nw, L * rows_per_block)
 
 
 def _row_stride(x) -> int | None:

@@ -22,7 +22,7 @@ PLANS = {
     (65536, 4096): [
         ("registers, V=1 (nw=16)", norm_mod.plan(4096, v_max=1)),
         ("registers, V=2 (nw=8)", norm_mod.plan(4096, v_max=2)),
-        ("registers, V=4 (nw=4), 1 row/block", norm_mod.plan(4096, v_max=4, rows_per_block=1)),
+        ("registers, V=4 (nw=4), 2 rows/block", norm_mod.plan(4096, v_max=4, rows_per_block=2)),
         ("registers, V=4 (nw=4), 4 rows/block", norm_mod.plan(4096, v_max=4, rows_per_block=4)),
         ("registers, V=8 (nw=2)", norm_mod.plan(4096, v_max=8)),
         ("registers, V=16 (nw=1)", norm_mod.plan(4096, v_max=16)),
