@@ -63,9 +63,9 @@ def plan(N: int, v_max: int = V_MAX, kernel: str = "rows", rows_per_block: int |
     elements) use the streaming kernel. Blocks hold ``rows_per_block`` rows (default: one multi-warp
     row, or 256 threads' worth of single-warp teams). ``scripts/bench_norm.py`` compares plans;
     ``v_max``, ``kernel`` and ``rows_per_block`` exist for it. On an H100, 65536 x 4096 bf16 ran at
-    99% of copy with 4 chunks per lane and one row per block (98% with 2 rows, 94% with 4), 95% with
-    2 chunks, 83% with 8, 74% with 16 (registers per lane limit resident warps) and 92% with the
-    streaming kernel.
+    99% of copy with 4 chunks per lane and one row per block (98% with two rows per block, 94% with
+    four), 98% with 8 chunks, 95% with 2, 73-74% with 1 or 16 chunks per lane, and 92% with the
+    streaming kernel (BENCHMARKS.md).
     """
     n8 = max(1, int(N) // 8)
     if v_max not in (1, 2, 4, 8, 16):

@@ -17,7 +17,8 @@
 // rms_norm_stream<InT, WT>: any N. One block per row loops over its chunks twice: sum of squares, then
 // re-read (mostly from L2/L1), scale and store. The host uses it for rows too long for registers.
 // The weight is read after the reduction: preloading it costs registers, and resident warps (registers
-// per lane) are what bound this memory-bound kernel (scripts/bench_norm.py compares the plans).
+// per lane, one row per block) are what bound this memory-bound kernel (scripts/bench_norm.py compares
+// the plans).
 // `vec` (runtime, uniform) selects 16-byte loads and stores; the host sets it when x, the row stride,
 // weight and out are all 16-byte aligned, else every access is element-wise.
 //
