@@ -15,7 +15,9 @@ bytes (inputs read once + outputs written once), % of the copy measured in the s
 Outputs (merged: records of the sections run now replace that section's old records):
   * ``benchmarks/latest.json``: a list of ``{op, shape, ms, gbps, pct_copy, peer, peer_ms, extra}``;
     ``extra`` holds ``section``, ``device``, ``copy_gbps`` and section-specific figures;
-  * ``BENCHMARKS.md``: device, command, copy bandwidth and one table per section.
+  * ``BENCHMARKS.md``: device, command, copy bandwidth and one table per section;
+  * ``benchmarks/meta.json``: per section, the device, versions, command, date, copy GB/s and notes
+    of the run that produced its records (so merged runs keep their own baselines).
 
 Writing a section::
 
