@@ -1,0 +1,367 @@
+"""Decode attention straight over bf16 / FP8 / INT4 KV caches: ``cukv.decode_attention`` (SPEC §8.1).
+
+Kernels: ``cuda_src/decode_attention.cu`` (split-K, tensor-core QK/PV, in-register dequantization,
+cp.async pipelines, a deterministic log-sum-exp merge). Reference: :mod:`cukv.ref.attention_decode`.
+The FBGEMM-named wrappers (``mqa_attn``, ``gqa_attn_splitk``) live in :mod:`cukv.fbgemm` and use
+:func:`run` below.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import _backend, _checks, _compile
+from .ref import attention_decode as ref
+
+__all__ = ["decode_attention"]
+
+HEAD_DIMS = (64, 128, 256)
+_KIND = {"bf16": 0, "fp8": 1, "fp8_head": 1, "int4": 2}
+_STAGES = {0: 3, 1: 4, 2: 4}          # Geo<KIND, D>::STAGES in the .cu
+_SMEM_TARGET = 112 * 1024             # per CTA: two CTAs fit one H100 SM
+_MAX_AUTO_SPLITS = 128
+
+_FAMILY = _compile.Family("decode_attention.cu", [
+    *(_compile.expression("decode_attn", k, d, nt) for k in (0, 1, 2) for d in HEAD_DIMS for nt in (1, 2)),
+    _compile.expression("decode_attn_merge"),
+], exact=False)
+
+
+# ------------------------------------------------------------------------------------ validation
+@dataclass
+class Plan:
+    """Validated arguments of one decode-attention call."""
+
+    op: str
+    q: object
+    cache_k: object
+    cache_v: object
+    seqlens: object
+    qparam_k: object
+    qparam_v: object
+    block_tables: object
+    geom: _checks.CacheGeom
+    B: int
+    n_heads: int
+    D: int
+    scale: float
+    num_splits: int | None
+
+
+def _fail_contents(op, arg, a, bad, expected, shift=0):
+    a_h = a.get() if _backend.is_cupy(a) else np.asarray(a)
+    bad_h = bad.get() if _backend.is_cupy(bad) else np.asarray(bad)
+    i = np.unravel_index(_checks.first_bad_index(bad_h.ravel()), bad_h.shape)
+    idx = ", ".join(str(int(j)) for j in i)
+    _checks.fail(op, f"{arg}[{idx}]", expected, str(int(a_h[i]) - shift))
+
+
+def prepare(op, q, cache_k, cache_v, seqlens, *, fmt, qparam_k, qparam_v, block_tables, page_size,
+            softmax_scale, num_splits, validate, check_finite, seq_arg="seqlens", seq_shift=0,
+            q_arg="q") -> Plan:
+    """Every SPEC §1.4 check of decode attention, before any launch.
+
+    ``seq_arg``/``seq_shift``/``q_arg`` name arguments in messages: the FBGEMM layer passes
+    ``XQ[:, 0]`` and ``seqlens = seq_positions + 1`` with ``seq_arg="seq_positions", seq_shift=1``.
+    """
+    _checks.check_dtype(op, q_arg, q, _checks.BF16)
+    if q.ndim != 3:
+        _checks.fail(op, q_arg, "bfloat16 [B, N_H, D]", _checks.describe(q))
+    B, NH, D = (int(s) for s in q.shape)
+    if D not in HEAD_DIMS:
+        _checks.fail(op, q_arg, "bfloat16 [B, N_H, D] with D in {64, 128, 256}", _checks.describe(q))
+    if cache_v is None:
+        _checks.fail(op, "cache_v", "a cache array like cache_k", "None", TypeError)
+    geom = _checks.check_cache(op, cache_k, cache_v, fmt, D, block_tables=block_tables,
+                               page_size=page_size, qparam_k=qparam_k, qparam_v=qparam_v, written=False)
+    src = "block_tables.shape[0]" if geom.paged else "cache_k.shape[0]"
+    if B != geom.B:
+        _checks.fail(op, q_arg, f"bfloat16 [B={geom.B} ({src}), N_H, {D}]", _checks.describe(q))
+    nkv = geom.n_kv_heads
+    if nkv < 1 or NH % nkv:
+        _checks.fail(op, q_arg, f"N_H (query heads) divisible by N_KVH={nkv} (cache_k.shape[2])", f"N_H={NH}")
+    _checks.check_array(op, seq_arg, seqlens, _checks.I32, (B,), f"int32 [B={B}]")
+    if softmax_scale is None:
+        scale = 1.0 / math.sqrt(D)
+    else:
+        if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float, np.integer, np.floating)):
+            _checks.fail(op, "softmax_scale", "a real number or None", repr(softmax_scale), TypeError)
+        scale = float(softmax_scale)
+        if not math.isfinite(scale):
+            _checks.fail(op, "softmax_scale", "a finite number", repr(softmax_scale))
+    if num_splits is not None:
+        if isinstance(num_splits, bool) or not isinstance(num_splits, (int, np.integer)) or num_splits < 1:
+            _checks.fail(op, "num_splits", "None or an integer >= 1", repr(num_splits))
+        num_splits = int(num_splits)
+    if check_finite and q.size:
+        fin = _backend.current().xp.isfinite(q.astype(np.float32))
+        if not bool(fin.all()):
+            bad = ~fin
+            h = bad.get() if _backend.is_cupy(bad) else bad
+            i = np.unravel_index(_checks.first_bad_index(h.ravel()), h.shape)
+            qh = q[i].get() if _backend.is_cupy(q) else q[i]
+            _checks.fail(op, f"{q_arg}[{', '.join(str(int(j)) for j in i)}]",
+                         "finite values (check_finite=True)", repr(float(qh)))
+    cap = geom.capacity
+    if validate and B:
+        bad = (seqlens < 0) | (seqlens > cap)
+        if bool(bad.any()):
+            _fail_contents(op, seq_arg, seqlens, bad,
+                           f"in [{-seq_shift}, {cap - seq_shift}] (lengths within the cache capacity "
+                           f"{cap})", seq_shift)
+        if geom.paged and block_tables.size:
+            xp = _backend.current().xp
+            S = geom.page_size
+            touched = (xp.arange(block_tables.shape[1], dtype=np.int64)[None, :] * S
+                       < seqlens.astype(np.int64)[:, None])
+            bad = touched & ((block_tables < 0) | (block_tables >= geom.n_pages))
+            if bool(bad.any()):
+                _fail_contents(op, "block_tables", block_tables, bad,
+                               f"page ids in [0, {geom.n_pages}) for every page a lane attends")
+    return Plan(op=op, q=q, cache_k=cache_k, cache_v=cache_v, seqlens=seqlens, qparam_k=qparam_k,
+                qparam_v=qparam_v, block_tables=block_tables, geom=geom, B=B, n_heads=NH, D=D,
+                scale=scale, num_splits=num_splits)
+
+
+# ------------------------------------------------------------------------------------ GPU launch
+_DEVICE_INFO: dict[int, tuple[int, int, int]] = {}
+
+
+def _device_info(cp) -> tuple[int, int, int]:
+    """(SM count, shared memory per SM, max opt-in shared memory per block) of the current device."""
+    dev = cp.cuda.Device()
+    info = _DEVICE_INFO.get(dev.id)
+    if info is None:
+        a = dev.attributes
+        info = (int(a["MultiProcessorCount"]), int(a["MaxSharedMemoryPerMultiprocessor"]),
+                int(a["MaxSharedMemoryPerBlockOptin"]))
+        _DEVICE_INFO[dev.id] = info
+    return info
+
+
+def auto_splits(base_ctas: int, capacity: int, n_sm: int, ctas_per_sm: int) -> int:
+    """``num_splits=None``: the smallest split count whose CTAs fill the chip's CTA slots evenly.
+
+    ``base_ctas`` = lanes x KV heads x head groups. With ``slots = n_sm * ctas_per_sm``, a split count
+    is accepted when ``ctas / (ceil(ctas / slots) * slots) >= 0.9`` (the last wave is nearly full);
+    splits keep at least 256 keys of capacity each.
+    """
+    if base_ctas <= 0:
+        return 1
+    slots = max(1, n_sm * max(1, ctas_per_sm))
+    s_max = max(1, min(_MAX_AUTO_SPLITS, capacity // 256))
+    best, best_eff = 1, -1.0
+    for s in range(1, s_max + 1):
+        ctas = base_ctas * s
+        eff = ctas / (-(-ctas // slots) * slots)
+        if eff >= 0.9:
+            return s
+        if eff > best_eff + 1e-9:
+            best, best_eff = s, eff
+    return best
+
+
+def _layout(kind: str, fmt_g: int, D: int, R_bytes: int, external: bool):
+    """Shared-memory row slots: (pad, po, sK, sV, stage_bytes, warp_bytes, STAGES)."""
+    hdr = {"bf16": 0, "fp8": 0 if external else 4, "fp8_head": 0, "int4": 4 * fmt_g}[kind]
+    pad = (-hdr) % 16
+    po = pad + hdr
+    slot = -(-(pad + R_bytes) // 16) * 16 + 16
+    stages = _STAGES[_KIND[kind]]
+    stage_bytes = 32 * slot + 128
+    warp_bytes = -(-(stages * stage_bytes + 256 + 16) // 16) * 16
+    return pad, po, slot, slot, stage_bytes, warp_bytes, stages
+
+
+def _smem(D: int, nw: int, warp_bytes: int) -> int:
+    return 32 * D + max(nw * warp_bytes, nw * 16 * D * 4 + nw * 16 * 8)
+
+
+def _pick_copy_width(vals) -> int:
+    for w in (16, 8, 4):
+        if all(int(v) % w == 0 for v in vals):
+            return w
+    return 1
+
+
+@dataclass
+class Config:
+    """Launch configuration of one plan: kernel, warps per CTA, shared memory, split count and the
+    shared-memory row layout (see ``decode_attention.cu``)."""
+
+    kernel: object
+    nw: int
+    smem: int
+    num_splits: int
+    n_hg: int
+    pad: int
+    po: int
+    sK: int
+    sV: int
+    stage_bytes: int
+    warp_bytes: int
+
+
+def config(p: Plan, num_splits: int | None = None) -> Config:
+    """The launch configuration :func:`run` uses (``num_splits=None``: the plan's, else automatic)."""
+    cp = _backend.cupy()
+    g = p.geom
+    r = p.n_heads // g.n_kv_heads if g.n_kv_heads else 1
+    n_hg = max(1, -(-r // 16))
+    item = 2 if g.kind == "bf16" else 1
+    pad, po, sK, sV, stage_bytes, warp_bytes, _ = _layout(g.kind, g.groups, p.D, g.R * item, g.external)
+    n_sm, smem_sm, smem_optin = _device_info(cp)
+    limit = min(_SMEM_TARGET, smem_optin)
+    nw = next((w for w in (4, 2, 1) if _smem(p.D, w, warp_bytes) <= limit), 1)
+    smem = _smem(p.D, nw, warp_bytes)
+    kernel = _FAMILY.kernel("decode_attn", _KIND[g.kind], p.D, 1 if r <= 8 else 2)
+    S = num_splits if num_splits is not None else p.num_splits
+    if S is None:
+        regs = max(1, int(getattr(kernel, "num_regs", 128) or 128))
+        per_warp = -(-regs * 32 // 256) * 256
+        occ = max(1, min(smem_sm // (smem + 1024), 65536 // (per_warp * nw), 32))
+        S = auto_splits(p.B * g.n_kv_heads * n_hg, g.capacity, n_sm, occ)
+    return Config(kernel=kernel, nw=nw, smem=smem, num_splits=S, n_hg=n_hg, pad=pad, po=po, sK=sK, sV=sV,
+                  stage_bytes=stage_bytes, warp_bytes=warp_bytes)
+
+
+def run(p: Plan, *, partials: bool = False, dots: bool = False, num_splits: int | None = None):
+    """Launch decode attention on the GPU. Returns ``(out, lse, part_a, part_ml, dots)``.
+
+    ``partials``: always go through the float32 split partials (``part_a [B, S, N_H, D]``,
+    ``part_ml [B, 2, S, N_H]``) and return them; ``dots``: also return the raw scores
+    ``float32 [B, N_H, capacity]`` (0 where not attended).
+    """
+    cp = _backend.cupy()
+    g = p.geom
+    B, NH, D = p.B, p.n_heads, p.D
+    out = cp.empty((B, NH, D), dtype=_checks.BF16)
+    lse = cp.empty((B, NH), dtype=np.float32)
+    nkv = g.n_kv_heads
+    if B == 0 or NH == 0:
+        S = num_splits or p.num_splits or 1
+        pa = cp.zeros((B, S, NH, D), np.float32) if partials else None
+        pm = cp.zeros((B, 2, S, NH), np.float32) if partials else None
+        dt = cp.zeros((B, NH, g.capacity), np.float32) if dots else None
+        return out, lse, pa, pm, dt
+    cfg = config(p, num_splits)
+    S = cfg.num_splits
+    kind = g.kind
+    q = cp.ascontiguousarray(p.q)
+    ck, cv = p.cache_k, p.cache_v
+    item = ck.dtype.itemsize
+    if ck.strides[-1] != item or cv.strides[-1] != item or ck.strides != cv.strides:
+        ck, cv = cp.ascontiguousarray(ck), cp.ascontiguousarray(cv)
+    R_bytes = g.R * item
+    cs0, cs1, cs2 = (int(s) for s in ck.strides[:3])
+    fp8_mode, qpk, qpv, ws = 0, None, None, (0, 0, 0)
+    if kind == "fp8" and g.external:
+        fp8_mode = 1
+        qpk, qpv = p.qparam_k, p.qparam_v
+        if qpk.strides != qpv.strides or any(int(s) % 4 for s in qpk.strides):
+            qpk, qpv = cp.ascontiguousarray(qpk), cp.ascontiguousarray(qpv)
+        ws = tuple(int(s) // 4 for s in qpk.strides)
+    elif kind == "fp8_head":
+        fp8_mode = 2
+        qpk, qpv = cp.ascontiguousarray(p.qparam_k), cp.ascontiguousarray(p.qparam_v)
+    vals = [R_bytes, cfg.pad, cs1, cs2, ck.data.ptr, cv.data.ptr] + ([] if g.paged else [cs0])
+    copy_w = _pick_copy_width(vals)
+    use_parts = partials or S > 1
+    pa = cp.empty((B, S, NH, D), np.float32) if use_parts else None
+    pm = cp.empty((B, 2, S, NH), np.float32) if use_parts else None
+    dt = cp.zeros((B, NH, g.capacity), np.float32) if dots else None
+    bt = cp.ascontiguousarray(p.block_tables) if g.paged else None
+    seq = cp.ascontiguousarray(p.seqlens)
+    gshift = int(math.log2(D // g.groups)) if kind == "int4" else 0
+    i32, i64, f32 = _compile.i32, _compile.i64, _compile.f32
+    max_pages = int(bt.shape[1]) if g.paged else 0
+    args = (q, ck, cv, qpk, qpv, bt, i32(max_pages), i32(g.page_size), i32(g.n_pages), seq,
+            i32(NH), i32(nkv), i32(g.capacity), i64(cs0), i64(cs1), i64(cs2), i64(ws[0]), i64(ws[1]),
+            i64(ws[2]), i32(R_bytes), i32(fp8_mode), i32(gshift), f32(p.scale * math.log2(math.e)),
+            i32(S), i32(copy_w), i32(cfg.pad), i32(cfg.po), i32(cfg.sK), i32(cfg.sV),
+            i32(cfg.stage_bytes), i32(cfg.warp_bytes), out, lse, pa, pm, dt,
+            i32(g.capacity if dots else 0))
+    _compile.launch(cfg.kernel, (S, nkv * cfg.n_hg, B), (32 * cfg.nw,), args, shared_mem=cfg.smem)
+    if use_parts:
+        merge = _FAMILY.kernel("decode_attn_merge")
+        _compile.launch(merge, (B * NH,), (64,), (pa, pm, i32(NH), i32(S), i32(D), out, lse))
+    return out, lse, pa, pm, dt
+
+
+# ------------------------------------------------------------------------------------ public op
+@_backend.op("decode_attention",
+             arrays=("q", "cache_k", "cache_v", "seqlens", "qparam_k", "qparam_v", "block_tables"))
+def decode_attention(q, cache_k, cache_v, seqlens, *, fmt=None, qparam_k=None, qparam_v=None,
+                     block_tables=None, page_size=64, softmax_scale=None, num_splits=None,
+                     return_lse=False, validate=True, check_finite=False):
+    """Attention of one query token per lane over a bf16 / FP8 / INT4 KV cache.
+
+    Parameters
+    ----------
+    q : bfloat16 ``[B, N_H, D]``
+        One query per lane (any strides); ``D`` in {64, 128, 256}. Query head ``h`` reads KV head
+        ``h // (N_H / N_KVH)`` (GQA with any ratio; MQA and MHA included).
+    cache_k, cache_v : ``[B, MAX_T, N_KVH, R]`` (contiguous) or ``[1, P*S, N_KVH, R]`` (paged)
+        bfloat16 for ``"bf16"``, uint8 rows for the quantized formats (SPEC §2). Only read.
+    seqlens : int32 ``[B]``
+        Number of keys: lane ``b`` attends positions ``[0, seqlens[b])`` (after ``write_kv_decode`` at
+        position ``L``, pass ``L + 1``). Positions at or past it are never read.
+    fmt : str, optional
+        ``"bf16"``, ``"fp8"``, ``"fp8_head"``, ``"int4"`` / ``"int4:g{1,2,4,8}"``; required for uint8
+        caches.
+    qparam_k, qparam_v : optional
+        External ``fp8`` words (int32, ``cache.shape[:3]``) or ``fp8_head`` scales (float32
+        ``[B, N_KVH]``).
+    block_tables : int32 ``[B, max_pages]``, optional
+        Paged cache (SPEC §3) with ``page_size`` rows per page (any integer >= 1).
+    softmax_scale : float, optional
+        Default ``1/sqrt(D)``.
+    num_splits : int, optional
+        Split-K count; ``None`` picks one from the shape so the whole GPU is busy (also at batch 1).
+        Results agree across split counts within SPEC §11.2.
+    return_lse : bool
+        Also return ``lse`` (natural log of the softmax denominator, in units of scaled scores).
+    validate : bool
+        Check ``seqlens`` against the capacity and every attended block-table entry (one sync).
+        With ``False``, lengths are clamped and rows behind bad page ids are excluded.
+    check_finite : bool
+        Reject non-finite ``q`` values.
+
+    Returns
+    -------
+    out : bfloat16 ``[B, N_H, D]``; with ``return_lse`` also ``lse`` float32 ``[B, N_H]``. A lane with
+    no keys gives ``out = 0`` and ``lse = -inf``.
+
+    Raises
+    ------
+    TypeError
+        Wrong dtype or array module (e.g. float16 q, a float32 cache).
+    ValueError
+        Bad shape, ``fmt``/row size mismatch, ``N_H % N_KVH != 0``, lengths beyond the cache capacity,
+        bad page ids (with ``validate``), ``num_splits < 1``.
+
+    Notes
+    -----
+    ``s_t = scale * <q, k_t>`` (fp32), ``O = sum_t softmax(s)_t v_t`` with ``k_t``, ``v_t`` exactly the
+    dequantized bf16 values of SPEC §2. The kernel reads the quantized bytes and dequantizes in
+    registers; the query heads sharing a KV head (up to 16 per CTA) are served by one pass over that
+    head's cache; shared memory does not grow with the context. **cukv differs** from FBGEMM's
+    split-K kernel: any D in {64, 128, 256}, any GQA ratio, paged caches, contexts of any int32 length.
+
+    See Also
+    --------
+    cukv.ref.attention_decode.decode_attention : the NumPy twin (float64 inside).
+    """
+    op = "decode_attention"
+    p = prepare(op, q, cache_k, cache_v, seqlens, fmt=fmt, qparam_k=qparam_k, qparam_v=qparam_v,
+                block_tables=block_tables, page_size=page_size, softmax_scale=softmax_scale,
+                num_splits=num_splits, validate=validate, check_finite=check_finite)
+    if not _backend.current().gpu:
+        return ref.decode_attention(q, cache_k, cache_v, seqlens, fmt=p.geom.fmt, qparam_k=qparam_k,
+                                    qparam_v=qparam_v, block_tables=block_tables,
+                                    page_size=p.geom.page_size, softmax_scale=p.scale,
+                                    return_lse=return_lse)
+    out, lse, _, _, _ = run(p)
+    return (out, lse) if return_lse else out

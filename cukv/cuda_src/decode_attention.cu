@@ -1,0 +1,551 @@
+// cukv/cuda_src/decode_attention.cu: split-K decode attention straight over bf16 / FP8 / INT4 caches
+// (SPEC §8.1). One query token per lane; the cache is read once per split, dequantized in registers.
+//
+// decode_attn<KIND, D, NT>: one CTA per (split, KV head x head group, lane). It serves the (up to 16)
+//   query heads of one head group that share a KV head, so every K/V row of the split is loaded once
+//   for all of them. KIND: 0 bf16, 1 fp8 (inline words, external int32 words, or fp8_head float32
+//   scales: `fp8_mode` 0/1/2), 2 int4 (G groups, `gshift` = log2(D/G)). NT = 1 for <= 8 query heads
+//   per KV head, 2 for 9..16 (the PV product then needs two n-tiles).
+// decode_attn_merge: the log-sum-exp merge of the splits, one block per (lane, query head), in a
+//   fixed order (deterministic, no atomics).
+//
+// Memory layout read (SPEC §2, §3): row (i0, i1, h) of a cache starts at byte i0*cs0 + i1*cs1 + h*cs2;
+// contiguous caches use (i0, i1) = (b, t), paged ones (0, block_tables[b, t/S]*S + t%S). External fp8
+// words sit at element i0*ws0 + i1*ws1 + h*ws2 of an int32 array. A row is R bytes:
+//   bf16 [2D bytes] | fp8 [scale f16, shift f16][D e4m3] or [D e4m3] | int4 [G x (scale, shift) f16][D/2].
+//
+// Algorithm. Each warp of the CTA owns the 16-key blocks w, w+nw, ... of the split and streams them
+// through its own STAGES-deep ring of shared-memory slots with cp.async (16/8/4-byte pieces, chosen
+// by the host from the alignment; a plain byte copy otherwise). Rows that must not be read (past the
+// split, or behind an out-of-range page id) are zero-filled, never loaded, and masked to -inf. Shared
+// memory does not depend on the sequence length. Per block:
+//   S[h, t] = Q K^T with mma.m16n8k16 (A = q, 16 head rows; B = K^T, two n-tiles of 8 keys). The
+//     reduction index (d) may be permuted freely as long as A and B agree, so every thread decodes a
+//     few 8-element chunks of its key straight from the raw row bytes into bf16 pairs (the q fragments
+//     are laid out once in shared memory with the same permutation).
+//   online softmax in the log2 domain (scores prescaled by softmax_scale*log2(e), exp2), fp32 sums of
+//     the unrounded probabilities; the probabilities are rounded to bf16 for the P.V product.
+//   O^T[d, h] += V^T P^T with mma (A = V^T: 16 d rows x 16 keys, B = P^T whose fragment is exactly the
+//     accumulator layout of S, so P never leaves registers).
+// At the end the warps of a CTA are merged through shared memory; a single split writes out/lse
+// directly, otherwise the unnormalised a, m, l of the split go to float32 partials for the merge.
+//
+// Dequantized values are exactly the bf16 values of SPEC §2.3-§2.5:
+//   fp8      RN_bf16(RN_f32(E4M3^-1(q)*scale + shift))   (exact product, one fp32 rounding: one fma)
+//   fp8_head RN_bf16(RN_f32(E4M3^-1(q)*s))               (an fma with -0 as addend is that product)
+//   int4     RN_bf16(RN_f16(q*scale + shift))            (one f16x2 fma)
+// e4m3 -> f16 uses the sm_89+ cvt.rn.f16x2.e4m3x2 (exact), with common.cuh's integer decoder below.
+#include "common.cuh"
+
+#define KIND_BF16 0
+#define KIND_FP8 1
+#define KIND_INT4 2
+
+#define CUKV_NEG_INF (-__int_as_float(0x7f800000))
+#define CUKV_LN2 0.69314718055994531f
+
+// ------------------------------------------------------------------------------------ PTX helpers
+__device__ __forceinline__ u32 smem_u32(const void* p) {
+  u64 a;
+  asm("cvta.to.shared.u64 %0, %1;" : "=l"(a) : "l"(p));
+  return (u32)a;
+}
+
+// cp.async of W bytes; `n` = W copies, 0 zero-fills (nothing is read then).
+template <int W>
+__device__ __forceinline__ void cp_async(void* dst, const void* src, int n) {
+  if (W == 16)
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(dst)), "l"(src), "r"(n));
+  else
+    asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;\n" ::"r"(smem_u32(dst)), "l"(src), "n"(W),
+                 "r"(n));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+
+// D = A*B + C, m16n8k16, bf16 inputs, fp32 accumulators.
+__device__ __forceinline__ void mma_bf16(float (&c)[4], u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ float ex2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+__device__ __forceinline__ u32 hsub2(u32 a, u32 b) {
+  u32 r;
+  asm("sub.rn.f16x2 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(b));
+  return r;
+}
+__device__ __forceinline__ u32 hfma2(u32 a, u32 b, u32 c) {
+  u32 r;
+  asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(c));
+  return r;
+}
+
+// Two e4m3 codes (bits 0-7 and 8-15 of `two`) -> their exact values.
+__device__ __forceinline__ void e4m3x2_to_f32x2(u32 two, float& lo, float& hi) {
+#if __CUDA_ARCH__ >= 890
+  u32 h;
+  const unsigned short in = (unsigned short)(two & 0xffffu);
+  asm("cvt.rn.f16x2.e4m3x2 %0, %1;" : "=r"(h) : "h"(in));
+  lo = f16_to_f32((u16)(h & 0xffffu));
+  hi = f16_to_f32((u16)(h >> 16));
+#else
+  lo = e4m3_to_f32(two & 0xffu);
+  hi = e4m3_to_f32((two >> 8) & 0xffu);
+#endif
+}
+
+// ------------------------------------------------------------------------------------ formats
+template <int KIND, int D> struct Geo {
+  static constexpr int CB = KIND == KIND_BF16 ? 16 : (KIND == KIND_FP8 ? 8 : 4);  // bytes of 8 elements
+  // K: each thread covers D/4 elements of a key, in "units" of CPU consecutive chunks (16 or 8 bytes).
+  static constexpr int CPU = KIND == KIND_BF16 ? 1 : (KIND == KIND_FP8 ? 2 : (D / 32 < 4 ? D / 32 : 4));
+  static constexpr int UB = CB * CPU;
+  static constexpr int KCH = D / 32;   // K chunks per thread and key
+  static constexpr int KU = KCH / CPU; // K units per thread and key
+  static constexpr int KS = D / 16;    // QK k-steps = PV m-tiles
+  static constexpr int VCH = D / 64;   // V chunks per thread and key
+  static constexpr int STAGES = KIND == KIND_BF16 ? 3 : 4;
+};
+
+// Position p (0..7) of a decoded chunk -> element offset in the chunk. Decoded word w holds positions
+// 2w (low half) and 2w+1 (high half). INT4 decodes nibbles (w, w+4) into word w (cheaper extraction).
+template <int KIND> __host__ __device__ constexpr int chunk_perm(int p) {
+  return KIND == KIND_INT4 ? ((p & 1) ? 4 + (p >> 1) : (p >> 1)) : p;
+}
+
+// Per-row dequantization parameters.
+struct RowQ {
+  float s, z;        // fp8: scale, shift (fp8_head: s, -0)
+  const u8* hdr;     // int4: the row's qparam words (shared memory)
+};
+
+// Decode one chunk of 8 elements into 4 bf16x2 words. raw: CB bytes of the chunk; ck: chunk index.
+template <int KIND, int D>
+__device__ __forceinline__ void decode_chunk(const u32* raw, int ck, const RowQ& q, int gshift, u32 (&w)[4]) {
+  if (KIND == KIND_BF16) {
+#pragma unroll
+    for (int k = 0; k < 4; ++k) w[k] = raw[k];
+  } else if (KIND == KIND_FP8) {
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      float a, b;
+      e4m3x2_to_f32x2(raw[k >> 1] >> (16 * (k & 1)), a, b);
+      w[k] = pack_bf16x2(__fmaf_rn(a, q.s, q.z), __fmaf_rn(b, q.s, q.z));
+    }
+  } else {
+    const u32 qw = *reinterpret_cast<const u32*>(q.hdr + 4 * ((ck << 3) >> gshift));
+    const u32 s2 = __byte_perm(qw, qw, 0x1010), z2 = __byte_perm(qw, qw, 0x3232);
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      u32 h = ((raw[0] >> (4 * k)) & 0x000f000fu) | 0x64006400u;   // (1024 + q_k, 1024 + q_{k+4})
+      h = hfma2(hsub2(h, 0x64006400u), s2, z2);
+      w[k] = pack_bf16x2(f16_to_f32((u16)(h & 0xffffu)), f16_to_f32((u16)(h >> 16)));
+    }
+  }
+}
+
+template <int NB>
+__device__ __forceinline__ void lds(const u8* p, u32 (&r)[NB / 4]) {
+  if (NB == 16) {
+    const uint4 u = *reinterpret_cast<const uint4*>(p);
+    r[0] = u.x; r[1] = u.y; r[2] = u.z; r[3] = u.w;
+  } else if (NB == 8) {
+    const uint2 u = *reinterpret_cast<const uint2*>(p);
+    r[0] = u.x; r[1] = u.y;
+  } else {
+    r[0] = *reinterpret_cast<const u32*>(p);
+  }
+}
+
+// (lo half of a, lo half of b) or (hi half of a, hi half of b).
+__device__ __forceinline__ u32 pair_sel(u32 a, u32 b, int hi) {
+  return __byte_perm(a, b, hi ? 0x7632 : 0x5410);
+}
+
+// ------------------------------------------------------------------------------------ the kernel
+template <int KIND, int D, int NT>
+__global__ void __launch_bounds__(128) decode_attn(
+    const u16* __restrict__ q, const u8* __restrict__ ck, const u8* __restrict__ cv,
+    const void* __restrict__ qpk, const void* __restrict__ qpv, const int* __restrict__ block_tables,
+    int max_pages, int page_size, int n_pages, const int* __restrict__ seqlens, int n_heads, int n_kv,
+    int capacity, i64 cs0, i64 cs1, i64 cs2, i64 ws0, i64 ws1, i64 ws2, int R, int fp8_mode, int gshift,
+    float scale_log2, int num_splits, int copy_w, int pad, int po, int sK, int sV, int stage_bytes,
+    int warp_bytes, u16* __restrict__ out, float* __restrict__ lse, float* __restrict__ part_a,
+    float* __restrict__ part_ml, float* __restrict__ dots, int dots_cap) {
+  typedef Geo<KIND, D> G_;
+  constexpr int KS = G_::KS, STAGES = G_::STAGES;
+  extern __shared__ __align__(16) u8 smem[];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+  const int g = lane >> 2, tid = lane & 3;
+  const int split = blockIdx.x, b = blockIdx.z;
+  const int r = n_heads / n_kv, n_hg = (r + 15) >> 4;
+  const int kvh = blockIdx.y / n_hg, hg = blockIdx.y - kvh * n_hg;
+  const int h0 = kvh * r + hg * 16;
+  const int nh = min(16, r - hg * 16);
+  int n = seqlens[b];
+  n = n < 0 ? 0 : (n > capacity ? capacity : n);
+  const int t_per = n > 0 ? (int)(((i64)n + num_splits - 1) / num_splits) : 0;
+  const int start = (int)min((i64)split * t_per, (i64)n);
+  const int end = (int)min((i64)start + t_per, (i64)n);
+
+  // ---- q fragments (A operand of S = Q K^T), in the K chunk permutation, shared by every warp.
+  uint4* qf = reinterpret_cast<uint4*>(smem);
+  for (int i = threadIdx.x; i < KS * 32; i += blockDim.x) {
+    const int ks = i >> 5, ln = i & 31, gg = ln >> 2, tt = ln & 3;
+    const int lc = ks >> 1;
+    const int ckk = (lc / G_::CPU) * 4 * G_::CPU + tt * G_::CPU + lc % G_::CPU;
+    u32 a[4];
+#pragma unroll
+    for (int sp = 0; sp < 2; ++sp) {
+      const int wd = ((ks & 1) << 1) | sp;
+      const int e0 = 8 * ckk + chunk_perm<KIND>(2 * wd), e1 = 8 * ckk + chunk_perm<KIND>(2 * wd + 1);
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const int row = gg + 8 * half;
+        u32 v = 0;
+        if (row < nh) {
+          const u16* qr = q + ((i64)b * n_heads + h0 + row) * D;
+          v = (u32)qr[e0] | ((u32)qr[e1] << 16);
+        }
+        a[sp * 2 + half] = v;   // a0 (row g, slots 2t..), a1 (row g+8), a2 (row g, slots 2t+8..), a3
+      }
+    }
+    qf[i] = make_uint4(a[0], a[1], a[2], a[3]);
+  }
+
+  float hs_k = 0.0f, hs_v = 0.0f;
+  if (KIND == KIND_FP8 && fp8_mode == 2) {
+    hs_k = reinterpret_cast<const float*>(qpk)[(i64)b * n_kv + kvh];
+    hs_v = reinterpret_cast<const float*>(qpv)[(i64)b * n_kv + kvh];
+  }
+
+  // ---- this warp's pipeline
+  u8* wbase = smem + KS * 32 * 16 + warp * warp_bytes;
+  i64* offs = reinterpret_cast<i64*>(wbase + STAGES * stage_bytes);   // [16] row bytes, [16] words
+  u32* masks = reinterpret_cast<u32*>(offs + 32);                      // [STAGES]
+  const int nblk = (end - start + 15) >> 4;
+  const int my_n = nblk > warp ? (nblk - warp + nw - 1) / nw : 0;
+  const int n_w = R / copy_w;                   // pieces per row
+  const int row_step = 32 / n_w, piece_step = 32 - row_step * n_w;
+  const i64 lane_b = (i64)b;
+
+  auto issue = [&](int li, int s) {
+    if (li < my_n) {
+      const int t0 = start + (warp + li * nw) * 16;
+      bool ok = false;
+      i64 co = 0, wo = 0;
+      if (lane < 16) {
+        const int t = t0 + lane;
+        if (t < end) {
+          i64 i0 = lane_b, i1 = t;
+          ok = true;
+          if (block_tables) {
+            const int pg = t / page_size;
+            const int id = block_tables[lane_b * max_pages + pg];
+            ok = id >= 0 && id < n_pages;
+            i0 = 0;
+            i1 = (i64)id * page_size + (t - pg * page_size);
+          }
+          if (ok) {
+            co = i0 * cs0 + i1 * cs1 + (i64)kvh * cs2;
+            wo = i0 * ws0 + i1 * ws1 + (i64)kvh * ws2;
+          }
+        }
+        offs[lane] = co;
+        offs[16 + lane] = wo;
+      }
+      const u32 m = __ballot_sync(CUKV_FULL_MASK, ok);
+      if (lane == 0) masks[s] = m;
+      __syncwarp();
+      u8* st = wbase + s * stage_bytes;
+      // Row rr < 16: K row of key rr; rr >= 16: V row of key rr-16. Lane copies pieces lane, lane+32, ...
+      int rr = lane / n_w, pp = lane - rr * n_w;
+      for (int i = lane; i < 32 * n_w; i += 32) {
+        const int key = rr & 15;
+        const bool isv = rr >= 16;
+        const u8* src = (isv ? cv : ck) + offs[key] + pp * copy_w;
+        u8* dst = st + (isv ? 16 * sK + key * sV : key * sK) + pad + pp * copy_w;
+        const bool rv = (m >> key) & 1u;
+        if (copy_w == 16) cp_async<16>(dst, src, rv ? 16 : 0);
+        else if (copy_w == 8) cp_async<8>(dst, src, rv ? 8 : 0);
+        else if (copy_w == 4) cp_async<4>(dst, src, rv ? 4 : 0);
+        else *dst = rv ? *src : (u8)0;
+        rr += row_step;
+        pp += piece_step;
+        if (pp >= n_w) { pp -= n_w; ++rr; }
+      }
+      if (KIND == KIND_FP8 && fp8_mode == 1) {
+        const int key = lane & 15;
+        const bool rv = (m >> key) & 1u;
+        const int* wsrc = reinterpret_cast<const int*>(lane >= 16 ? qpv : qpk) + offs[16 + key];
+        cp_async<4>(st + 16 * (sK + sV) + 4 * lane, wsrc, rv ? 4 : 0);
+      }
+    }
+    cp_async_commit();
+    __syncwarp();
+  };
+
+  float o[NT][KS][4];
+#pragma unroll
+  for (int a = 0; a < NT; ++a)
+#pragma unroll
+    for (int mt = 0; mt < KS; ++mt)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) o[a][mt][c] = 0.0f;
+  float m_run[2] = {CUKV_NEG_INF, CUKV_NEG_INF}, l_run[2] = {0.0f, 0.0f};
+
+  __syncthreads();   // q fragments ready
+
+#pragma unroll
+  for (int s = 0; s < STAGES - 1; ++s) issue(s, s);
+
+  for (int j = 0; j < my_n; ++j) {
+    issue(j + STAGES - 1, (j + STAGES - 1) % STAGES);
+    cp_async_wait<STAGES - 1>();
+    __syncwarp();
+    const int s = j % STAGES;
+    const u8* st = wbase + s * stage_bytes;
+    const u8* stK = st;
+    const u8* stV = st + 16 * sK;
+    const u32* stW = reinterpret_cast<const u32*>(st + 16 * (sK + sV));
+    const u32 vm = masks[s];
+    const int t0 = start + (warp + j * nw) * 16;
+
+    auto row_q = [&](const u8* row, int key, bool isv) {
+      RowQ rq;
+      rq.s = 0.0f; rq.z = 0.0f; rq.hdr = row + pad;
+      if (KIND == KIND_FP8) {
+        if (fp8_mode == 2) {
+          rq.s = isv ? hs_v : hs_k;
+          rq.z = -0.0f;
+        } else {
+          const u32 wd = fp8_mode == 1 ? stW[(isv ? 16 : 0) + key] : *reinterpret_cast<const u32*>(row + pad);
+          rq.s = f16_to_f32((u16)(wd & 0xffffu));
+          rq.z = f16_to_f32((u16)(wd >> 16));
+        }
+      }
+      return rq;
+    };
+
+    // ---- S = Q K^T: n-tile nt covers keys nt*8 + (0..7); this thread decodes key nt*8 + g.
+    float sc[2][4];
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) sc[nt][c] = 0.0f;
+    {
+      const u8* kr0 = stK + g * sK;
+      const u8* kr1 = stK + (8 + g) * sK;
+      const RowQ q0 = row_q(kr0, g, false), q1 = row_q(kr1, 8 + g, false);
+#pragma unroll
+      for (int u = 0; u < G_::KU; ++u) {
+        u32 raw0[G_::UB / 4], raw1[G_::UB / 4];
+        lds<G_::UB>(kr0 + po + (u * 4 + tid) * G_::UB, raw0);
+        lds<G_::UB>(kr1 + po + (u * 4 + tid) * G_::UB, raw1);
+#pragma unroll
+        for (int c = 0; c < G_::CPU; ++c) {
+          const int lc = u * G_::CPU + c;
+          const int ckk = u * 4 * G_::CPU + tid * G_::CPU + c;
+          const uint4 qa = qf[(2 * lc) * 32 + lane], qb = qf[(2 * lc + 1) * 32 + lane];
+          u32 w0[4], w1[4];
+          decode_chunk<KIND, D>(raw0 + c * (G_::CB / 4), ckk, q0, gshift, w0);
+          decode_chunk<KIND, D>(raw1 + c * (G_::CB / 4), ckk, q1, gshift, w1);
+          mma_bf16(sc[0], qa.x, qa.y, qa.z, qa.w, w0[0], w0[1]);
+          mma_bf16(sc[0], qb.x, qb.y, qb.z, qb.w, w0[2], w0[3]);
+          mma_bf16(sc[1], qa.x, qa.y, qa.z, qa.w, w1[0], w1[1]);
+          mma_bf16(sc[1], qb.x, qb.y, qb.z, qb.w, w1[2], w1[3]);
+        }
+      }
+    }
+
+    // ---- scores: sc[nt][c] is (head g + 8*(c>>1), key nt*8 + 2*tid + (c&1)).
+    float x[2][4];
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) {
+        const int key = nt * 8 + 2 * tid + (c & 1);
+        const bool ok = (vm >> key) & 1u;
+        x[nt][c] = ok ? sc[nt][c] * scale_log2 : CUKV_NEG_INF;
+        if (dots != nullptr && ok) {
+          const int head = g + 8 * (c >> 1);
+          if (head < nh) dots[((i64)b * n_heads + h0 + head) * dots_cap + t0 + key] = sc[nt][c];
+        }
+      }
+
+    float p[2][4];
+    u32 pb[NT][2];
+#pragma unroll
+    for (int hh = 0; hh < NT; ++hh) {   // head row g (hh = 0) and g + 8 (hh = 1)
+      const int c0 = 2 * hh;
+      float mx = fmaxf(fmaxf(x[0][c0], x[0][c0 + 1]), fmaxf(x[1][c0], x[1][c0 + 1]));
+      mx = fmaxf(mx, __shfl_xor_sync(CUKV_FULL_MASK, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(CUKV_FULL_MASK, mx, 2));
+      const float mnew = fmaxf(m_run[hh], mx);
+      const float mu = mnew == CUKV_NEG_INF ? 0.0f : mnew;
+      const float alpha = ex2(m_run[hh] - mu);
+      m_run[hh] = mnew;
+#pragma unroll
+      for (int nt = 0; nt < 2; ++nt) {
+        p[nt][c0] = ex2(x[nt][c0] - mu);
+        p[nt][c0 + 1] = ex2(x[nt][c0 + 1] - mu);
+      }
+      l_run[hh] = l_run[hh] * alpha + ((p[0][c0] + p[0][c0 + 1]) + (p[1][c0] + p[1][c0 + 1]));
+      // O^T columns of this head tile are heads 8*hh + 2*tid and + 1: fetch their alphas.
+      const float a_lo = __shfl_sync(CUKV_FULL_MASK, alpha, (2 * tid) << 2);
+      const float a_hi = __shfl_sync(CUKV_FULL_MASK, alpha, (2 * tid + 1) << 2);
+#pragma unroll
+      for (int mt = 0; mt < KS; ++mt) {
+        o[hh][mt][0] *= a_lo;
+        o[hh][mt][1] *= a_hi;
+        o[hh][mt][2] *= a_lo;
+        o[hh][mt][3] *= a_hi;
+      }
+      pb[hh][0] = pack_bf16x2(p[0][c0], p[0][c0 + 1]);   // keys 2t, 2t+1 of head row
+      pb[hh][1] = pack_bf16x2(p[1][c0], p[1][c0 + 1]);   // keys 8+2t, 8+2t+1
+    }
+
+    // ---- O^T += V^T P^T: this thread holds keys 2t, 2t+1, 8+2t, 8+2t+1 and V chunks g + 8*ci.
+    {
+      const u8* vr[4] = {stV + (2 * tid) * sV, stV + (2 * tid + 1) * sV, stV + (2 * tid + 8) * sV,
+                         stV + (2 * tid + 9) * sV};
+      const int vkey[4] = {2 * tid, 2 * tid + 1, 2 * tid + 8, 2 * tid + 9};
+      RowQ vq[4];
+#pragma unroll
+      for (int k = 0; k < 4; ++k) vq[k] = row_q(vr[k], vkey[k], true);
+      constexpr int NG = D == 256 ? 2 : 1;           // chunk groups
+      constexpr int MPG = KS / NG;                    // m-tiles per group
+#pragma unroll
+      for (int grp = 0; grp < NG; ++grp) {
+        const int cA = grp, cB = D == 64 ? 0 : grp + G_::VCH / 2;
+        u32 VA[4][4], VB[4][4];
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+          u32 raw[G_::CB / 4];
+          const int cva = g + 8 * cA;
+          lds<G_::CB>(vr[k] + po + cva * G_::CB, raw);
+          decode_chunk<KIND, D>(raw, cva, vq[k], gshift, VA[k]);
+          if (D != 64) {
+            const int cvb = g + 8 * cB;
+            lds<G_::CB>(vr[k] + po + cvb * G_::CB, raw);
+            decode_chunk<KIND, D>(raw, cvb, vq[k], gshift, VB[k]);
+          }
+        }
+#pragma unroll
+        for (int mm = 0; mm < MPG; ++mm) {
+          const int mt = grp * MPG + mm;
+          const int pA = D == 64 ? mm : (mm & 7);
+          const int pB = D == 64 ? mm + 4 : (mm & 7);
+          const u32(&XB)[4][4] = D == 64 ? VA : VB;
+          const u32 a0 = pair_sel(VA[0][pA >> 1], VA[1][pA >> 1], pA & 1);
+          const u32 a1 = pair_sel(XB[0][pB >> 1], XB[1][pB >> 1], pB & 1);
+          const u32 a2 = pair_sel(VA[2][pA >> 1], VA[3][pA >> 1], pA & 1);
+          const u32 a3 = pair_sel(XB[2][pB >> 1], XB[3][pB >> 1], pB & 1);
+#pragma unroll
+          for (int hh = 0; hh < NT; ++hh) mma_bf16(o[hh][mt], a0, a1, a2, a3, pb[hh][0], pb[hh][1]);
+        }
+      }
+    }
+    __syncwarp();
+  }
+  cp_async_wait<0>();
+
+  // ---- merge the warps of this CTA (the combine area aliases the pipelines).
+#pragma unroll
+  for (int hh = 0; hh < NT; ++hh) {
+    l_run[hh] += __shfl_xor_sync(CUKV_FULL_MASK, l_run[hh], 1);
+    l_run[hh] += __shfl_xor_sync(CUKV_FULL_MASK, l_run[hh], 2);
+  }
+  __syncthreads();
+  float* cO = reinterpret_cast<float*>(smem + KS * 32 * 16);   // [nw][16][D]
+  float* cm = cO + nw * 16 * D;                                   // [nw][16]
+  float* cl = cm + nw * 16;                                       // [nw][16]
+#pragma unroll
+  for (int hh = 0; hh < NT; ++hh) {
+    if (tid == 0) {
+      cm[warp * 16 + g + 8 * hh] = m_run[hh];
+      cl[warp * 16 + g + 8 * hh] = l_run[hh];
+    }
+    constexpr int NG = D == 256 ? 2 : 1;
+    constexpr int MPG = KS / NG;
+#pragma unroll
+    for (int mt = 0; mt < KS; ++mt) {
+      const int grp = mt / MPG, mm = mt - grp * MPG;
+      const int cA = grp, cB = D == 64 ? 0 : grp + G_::VCH / 2;
+      const int pA = D == 64 ? mm : (mm & 7);
+      const int pB = D == 64 ? mm + 4 : (mm & 7);
+      const int dA = 8 * (g + 8 * cA) + chunk_perm<KIND>(pA);
+      const int dB = 8 * (g + 8 * cB) + chunk_perm<KIND>(pB);
+      float* ob = cO + (warp * 16 + 8 * hh + 2 * tid) * D;
+      ob[dA] = o[hh][mt][0];
+      ob[D + dA] = o[hh][mt][1];
+      ob[dB] = o[hh][mt][2];
+      ob[D + dB] = o[hh][mt][3];
+    }
+  }
+  __syncthreads();
+  const bool direct = part_a == nullptr;
+  for (int i = threadIdx.x; i < nh * D; i += blockDim.x) {
+    const int head = i / D, d = i - head * D;
+    float M = CUKV_NEG_INF;
+    for (int w = 0; w < nw; ++w) M = fmaxf(M, cm[w * 16 + head]);
+    float acc = 0.0f, l = 0.0f;
+    if (M != CUKV_NEG_INF) {
+      for (int w = 0; w < nw; ++w) {
+        const float f = ex2(cm[w * 16 + head] - M);
+        acc += f * cO[(w * 16 + head) * D + d];
+        l += f * cl[w * 16 + head];
+      }
+    }
+    const i64 hq = (i64)b * n_heads + h0 + head;
+    if (direct) {
+      out[hq * D + d] = f32_to_bf16(M == CUKV_NEG_INF ? 0.0f : acc / l);
+      if (d == 0) lse[hq] = M == CUKV_NEG_INF ? CUKV_NEG_INF : M * CUKV_LN2 + logf(l);
+    } else {
+      part_a[(((i64)b * num_splits + split) * n_heads + h0 + head) * D + d] = acc;
+      if (d == 0) {
+        part_ml[(((i64)b * 2 + 0) * num_splits + split) * n_heads + h0 + head] =
+            M == CUKV_NEG_INF ? CUKV_NEG_INF : M * CUKV_LN2;
+        part_ml[(((i64)b * 2 + 1) * num_splits + split) * n_heads + h0 + head] = l;
+      }
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------ merge
+// part_a: float32 [B, S, N_H, D] (unnormalised a_s); part_ml: float32 [B, 2, S, N_H] (m_s natural
+// log units, l_s). out = sum_s e^(m_s - m) a_s / sum_s e^(m_s - m) l_s; lse = m + ln(l).
+__global__ void decode_attn_merge(const float* __restrict__ part_a, const float* __restrict__ part_ml,
+                                  int n_heads, int num_splits, int D, u16* __restrict__ out,
+                                  float* __restrict__ lse) {
+  const i64 bh = blockIdx.x;
+  const i64 b = bh / n_heads;
+  const int h = (int)(bh - b * n_heads);
+  const float* mrow = part_ml + (b * 2 + 0) * num_splits * (i64)n_heads + h;
+  const float* lrow = part_ml + (b * 2 + 1) * num_splits * (i64)n_heads + h;
+  float M = CUKV_NEG_INF;
+  for (int s = 0; s < num_splits; ++s) M = fmaxf(M, mrow[(i64)s * n_heads]);
+  float l = 0.0f;
+  if (M != CUKV_NEG_INF)
+    for (int s = 0; s < num_splits; ++s) l += __expf(mrow[(i64)s * n_heads] - M) * lrow[(i64)s * n_heads];
+  for (int d = threadIdx.x; d < D; d += blockDim.x) {
+    float acc = 0.0f;
+    if (M != CUKV_NEG_INF)
+      for (int s = 0; s < num_splits; ++s) {
+        const float ms = mrow[(i64)s * n_heads];
+        if (ms != CUKV_NEG_INF)
+          acc += __expf(ms - M) * part_a[((b * num_splits + s) * n_heads + h) * (i64)D + d];
+      }
+    out[bh * D + d] = f32_to_bf16(M == CUKV_NEG_INF ? 0.0f : acc / l);
+  }
+  if (threadIdx.x == 0) lse[bh] = M == CUKV_NEG_INF ? CUKV_NEG_INF : M + logf(l);
+}
