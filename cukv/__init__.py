@@ -13,5 +13,6 @@ from .kvcache import KVCache  # noqa: F401
 from .rope import RoPE, XPos, Llama31Scaling, rope_frequencies  # noqa: F401
 from .cache_write import write_kv_prefill, write_kv_decode  # noqa: F401
 from .attention_prefill import prefill_attention  # noqa: F401
+from .attention_decode import decode_attention  # noqa: F401
 
 __version__ = "0.1.0"

@@ -454,3 +454,140 @@ def quantize_qkv_per_head(amax, XQKV, varseq_seqpos, varseq_batch, is_precalcula
 
 # ---------------------------------------------------------------------------------------- attention
 # (SPEC §10.4) mqa_attn, gqa_attn_splitk
+import math as _amath  # noqa: E402
+
+import numpy as _anp  # noqa: E402
+
+from . import _backend as _abe, _checks as _ack  # noqa: E402
+
+
+def _fb_attn_plan(op, XQ, cache_K, cache_V, seq_positions, qk_scale, num_groups, cache_logical_dtype_int,
+                  qparam_k, qparam_v, block_tables, page_size, validate, check_finite, cache_format,
+                  num_splits=None):
+    """Validate an FBGEMM attention call and map it onto decode attention (SPEC §10.4)."""
+    from .attention_decode import prepare  # noqa: PLC0415
+
+    _ack.check_dtype(op, "XQ", XQ, _ack.BF16)
+    if XQ.ndim != 4 or int(XQ.shape[1]) != 1:
+        _ack.fail(op, "XQ", "bfloat16 [B, 1, N_H, D] (one decode token per lane)", _ack.describe(XQ))
+    _ack.check_dtype(op, "seq_positions", seq_positions, _ack.I32)
+    if cache_K is None:
+        _ack.fail(op, "cache_K", "a cache array", "None", TypeError)
+    fmt = _fb_writer_format(op, cache_K, XQ, qparam_k, cache_logical_dtype_int, num_groups, cache_format)
+    if isinstance(qk_scale, bool) or not isinstance(qk_scale, (int, float, _anp.integer, _anp.floating)):
+        _ack.fail(op, "qk_scale", "a real number", repr(qk_scale), TypeError)
+    seqlens = seq_positions + _anp.int32(1)
+    return prepare(op, XQ[:, 0], cache_K, cache_V, seqlens, fmt=fmt, qparam_k=qparam_k,
+                   qparam_v=qparam_v, block_tables=block_tables, page_size=page_size,
+                   softmax_scale=float(qk_scale), num_splits=num_splits, validate=validate,
+                   check_finite=check_finite, seq_arg="seq_positions", seq_shift=1, q_arg="XQ")
+
+
+def _fb_ref_kw(p):
+    return dict(fmt=p.geom.fmt, qparam_k=p.qparam_k, qparam_v=p.qparam_v, block_tables=p.block_tables,
+                page_size=p.geom.page_size, softmax_scale=p.scale)
+
+
+@_abe.op("mqa_attn", arrays=("XQ", "cache_K", "cache_V", "seq_positions", "qparam_k", "qparam_v",
+                             "block_tables"))
+def mqa_attn(XQ, cache_K, cache_V, seq_positions, qk_scale, num_groups=1, cache_logical_dtype_int=0,
+             qparam_k=None, qparam_v=None, *, block_tables=None, page_size=64, validate=True,
+             check_finite=False, cache_format=None):
+    """FBGEMM ``mqa_attn``: decode attention of one token per lane, ``O`` bfloat16 ``[B, 1, N_H, D]``.
+
+    Parameters
+    ----------
+    XQ : bfloat16 ``[B, 1, N_H, D]``
+    cache_K, cache_V : a cache of any SPEC §2 format, contiguous or paged (``block_tables``).
+        Format by dtype (SPEC §10): bf16; uint8 with ``cache_logical_dtype_int=1`` FP8 (inline rows,
+        int32 external ``qparam_k``/``qparam_v``, or float32 ``fp8_head`` scales); other uint8
+        ``int4:g{num_groups}``.
+    seq_positions : int32 ``[B]``
+        The last attended position, **inclusive** (FBGEMM's convention): lane ``b`` attends
+        ``[0, seq_positions[b]]``; ``-1`` is an empty lane (``O = 0``).
+    qk_scale : float
+        The softmax scale.
+
+    Notes
+    -----
+    ``decode_attention(XQ[:, 0], ..., seqlens=seq_positions + 1, softmax_scale=qk_scale)``.
+    **cukv differs:** any ``N_KVH`` dividing ``N_H`` (FBGEMM: MQA or MHA), D in {64, 128, 256},
+    paged caches, no 16K context limit.
+    """
+    op = "mqa_attn"
+    p = _fb_attn_plan(op, XQ, cache_K, cache_V, seq_positions, qk_scale, num_groups,
+                      cache_logical_dtype_int, qparam_k, qparam_v, block_tables, page_size, validate,
+                      check_finite, cache_format)
+    if not _abe.current().gpu:
+        from .ref import attention_decode as ref  # noqa: PLC0415
+
+        return ref.decode_attention(p.q, cache_K, cache_V, p.seqlens, **_fb_ref_kw(p))[:, None]
+    from .attention_decode import run  # noqa: PLC0415
+
+    return run(p)[0][:, None]
+
+
+@_abe.op("gqa_attn_splitk", arrays=("XQ", "cache_K", "cache_V", "seq_positions", "block_tables"))
+def gqa_attn_splitk(XQ, cache_K, cache_V, seq_positions, qk_scale, num_split_ks,
+                    kv_cache_quant_num_groups=1, use_tensor_cores=True, cache_logical_dtype_int=0, *,
+                    block_tables=None, page_size=64, validate=True, check_finite=False,
+                    cache_format=None):
+    """FBGEMM ``gqa_attn_splitk``: split-K decode attention with its auxiliary outputs.
+
+    Returns
+    -------
+    O : bfloat16 ``[B, 1, N_H, D]``
+    aux1, aux2 :
+        ``use_tensor_cores=True``: ``aux1`` float32 ``[B, S, N_H, D]``, the unnormalised split sums
+        ``a_s = sum_{t in split s} exp(s_t - m_s) v_t``; ``aux2`` float32 ``[B, 2, S, N_H]`` with
+        ``aux2[:, 0] = m_s`` (max scaled score of the split) and ``aux2[:, 1] = l_s``.
+        ``use_tensor_cores=False``: ``aux1`` float32 ``[B, N_H, capacity]`` softmax probabilities,
+        ``aux2`` the raw unscaled dots ``<q, k_t>``; both 0 for ``t > seq_positions[b]``.
+
+    Notes
+    -----
+    ``S = num_split_ks``; split ``s`` of lane ``b`` covers ``[s*t_per, min((s+1)*t_per, T_b))`` with
+    ``T_b = seq_positions[b] + 1`` and ``t_per = ceil(T_b / S)``. ``use_tensor_cores`` selects only
+    which auxiliaries are returned, never a numeric path. **cukv differs:** empty splits give
+    ``a = 0``, ``m = -inf``, ``l = 0`` (FBGEMM leaves them uninitialised); any ``N_KVH`` dividing
+    ``N_H`` (FBGEMM: one KV head), D in {64, 128, 256}, paged caches, contexts beyond 16384.
+    """
+    op = "gqa_attn_splitk"
+    S = num_split_ks
+    if isinstance(S, bool) or not isinstance(S, (int, _anp.integer)) or S < 1:
+        _ack.fail(op, "num_split_ks", "an integer >= 1", repr(num_split_ks))
+    S = int(S)
+    p = _fb_attn_plan(op, XQ, cache_K, cache_V, seq_positions, qk_scale, kv_cache_quant_num_groups,
+                      cache_logical_dtype_int, None, None, block_tables, page_size, validate,
+                      check_finite, cache_format, num_splits=S)
+    be = _abe.current()
+    if not be.gpu:
+        from .ref import attention_decode as ref  # noqa: PLC0415
+
+        kw = _fb_ref_kw(p)
+        O = ref.decode_attention(p.q, cache_K, cache_V, p.seqlens, **kw)[:, None]
+        if use_tensor_cores:
+            a, m, l = ref.split_partials(p.q, cache_K, cache_V, p.seqlens, S, **kw)
+            aux2 = _anp.stack([m.astype(_anp.float32), l.astype(_anp.float32)], axis=1)
+            return O, a.astype(_anp.float32), aux2
+        probs, dots = ref.scores(p.q, cache_K, cache_V, p.seqlens, **kw)
+        return O, probs.astype(_anp.float32), dots.astype(_anp.float32)
+    from .attention_decode import run  # noqa: PLC0415
+
+    if use_tensor_cores:
+        out, _, pa, pm, _ = run(p, partials=True)
+        return out[:, None], pa, pm
+    out, lse, _, _, dots = run(p, dots=True)
+    cp = be.xp
+    g = p.geom
+    t = cp.arange(g.capacity, dtype=_anp.int32)
+    n = cp.clip(p.seqlens, 0, g.capacity)
+    valid = t[None, :] < n[:, None]
+    if g.paged:
+        bt = cp.ascontiguousarray(p.block_tables)
+        pid = bt[:, t // g.page_size]
+        valid &= (pid >= 0) & (pid < g.n_pages)
+    with _anp.errstate(all="ignore"):
+        probs = cp.where(valid[:, None, :], cp.exp(_anp.float32(p.scale) * dots - lse[..., None]),
+                         _anp.float32(0))
+    return out[:, None], probs.astype(_anp.float32), dots
