@@ -35,6 +35,7 @@ def _fwd_expr(D, cfg, layout, fcode):
 
 _PREFILL = _compile.Family("prefill_attention.cu", [
     _compile.expression("prefill_plan"),
+    _compile.expression("prefill_fill_unowned"),
     *(_fwd_expr(D, cfg, layout, f) for D, cfg in CONFIGS.items() for layout in (_LINEAR, _PAGED)
       for f in range(4)),
     *(_fwd_expr(128, cfg, _LINEAR, 0) for cfg in ALT_CONFIGS_128),
@@ -258,12 +259,11 @@ def _run_gpu(geo, q, k, v, cu_q, cu_k, lens_k, bt, qp_k, qp_v, causal, return_ls
     lse = xp.empty((geo.T_q, geo.N_H), dtype=np.float32) if return_lse else None
     if geo.T_q == 0 or geo.N_H == 0:
         return out, lse
-    if not validated or geo.B == 0:      # rows no lane owns: out = 0, lse = -inf (as the reference)
+    if geo.B == 0:                       # no lane owns a row: out = 0, lse = -inf (as the reference)
         out.fill(0)
         if lse is not None:
             lse.fill(-np.inf)
-        if geo.B == 0:
-            return out, lse
+        return out, lse
     q, (q_st, q_sh, _) = _strided(xp, q, 16)
     align = 16 if geo.kind == "bf16" else 4
     k, ks = _strided(xp, k, align)
@@ -288,9 +288,14 @@ def _run_gpu(geo, q, k, v, cu_q, cu_k, lens_k, bt, qp_k, qp_v, causal, return_ls
     i32 = _compile.i32
     plan = xp.empty((geo.B, 4), dtype=np.int32)
     blk_cum = xp.empty((geo.B + 1,), dtype=np.int32)
+    ctl = xp.empty((3,), dtype=np.int32)
     cap_k = geo.T_k if geo.layout == "packed" else geo.capacity
     _compile.launch(_PREFILL.kernel("prefill_plan"), (1,), (1024,),
-                    (cu_q, i32(geo.T_q), cu_k, lens_k, i32(cap_k), i32(BM), i32(geo.B), plan, blk_cum))
+                    (cu_q, i32(geo.T_q), cu_k, lens_k, i32(cap_k), i32(BM), i32(geo.B), plan, blk_cum,
+                     ctl))
+    if not validated:   # rows that no lane owns: out = 0, lse = -inf (as the reference)
+        _compile.launch(_PREFILL.kernel("prefill_fill_unowned"), (256,), (256,),
+                        (ctl, i32(geo.T_q), i32(geo.N_H), i32(geo.N_H * D // 8), out, lse))
 
     layout = _PAGED if geo.layout == "paged" else _LINEAR
     fcode = _FMT_CODE[geo.kind]

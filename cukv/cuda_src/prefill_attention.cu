@@ -116,14 +116,17 @@ __device__ __forceinline__ int pf_clamp(int v, int lo, int hi) { return v < lo ?
 // ------------------------------------------------------------------------------------ plan
 // plan[b] = {q_start, L_q, k_start, L_k} with every range clamped into its array; blk_cum[b+1] =
 // sum_{b' <= b} ceil(L_q(b') / bm) (saturated at INT_MAX). cu_k null: lengths from lens_k (padded or
-// paged, k_start = 0). One CTA of a multiple of 32 threads.
+// paged, k_start = 0). ctl = {clamped cu_q[0], clamped cu_q[B], 1 if clamped cu_q is non-decreasing}:
+// the rows that no lane owns are [0, ctl[0]) and [ctl[1], t_q) when ctl[2], else unknown (all).
+// One CTA of a multiple of 32 threads.
 __global__ void prefill_plan(const int* __restrict__ cu_q, int t_q, const int* __restrict__ cu_k,
                              const int* __restrict__ lens_k, int cap_k, int bm, int n_lanes,
-                             int* __restrict__ plan, int* __restrict__ blk_cum) {
+                             int* __restrict__ plan, int* __restrict__ blk_cum, int* __restrict__ ctl) {
   __shared__ long long warp_tot[32];
   __shared__ long long carry;
   const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
   if (threadIdx.x == 0) { carry = 0; blk_cum[0] = 0; }
+  int unsorted = 0;
   __syncthreads();
   for (int base = 0; base < n_lanes; base += blockDim.x) {
     const int b = base + threadIdx.x;
@@ -131,6 +134,7 @@ __global__ void prefill_plan(const int* __restrict__ cu_q, int t_q, const int* _
     if (b < n_lanes) {
       const int qs = pf_clamp(cu_q[b], 0, t_q), qe = pf_clamp(cu_q[b + 1], 0, t_q);
       const int lq = qe > qs ? qe - qs : 0;
+      unsorted |= qe < qs;
       int ks = 0, lk;
       if (cu_k) {
         ks = pf_clamp(cu_k[b], 0, cap_k);
@@ -167,6 +171,32 @@ __global__ void prefill_plan(const int* __restrict__ cu_q, int t_q, const int* _
     __syncthreads();
     if (threadIdx.x == blockDim.x - 1) carry = incl;
     __syncthreads();
+  }
+  unsorted = __syncthreads_or(unsorted);
+  if (threadIdx.x == 0) {
+    ctl[0] = pf_clamp(cu_q[0], 0, t_q);
+    ctl[1] = pf_clamp(cu_q[n_lanes], 0, t_q);
+    ctl[2] = unsorted ? 0 : 1;
+  }
+}
+
+// validate=False only: out = 0 and lse = -inf on the query rows that no lane owns (ctl from
+// prefill_plan). Grid-stride over 16-byte chunks of those rows; row_chunks = N_H * D / 8.
+__global__ void prefill_fill_unowned(const int* __restrict__ ctl, int t_q, int n_heads, int row_chunks,
+                                     uint4* __restrict__ out, float* __restrict__ lse) {
+  const bool all = ctl[2] == 0;
+  const int lo = all ? t_q : ctl[0];      // rows [0, lo) and [hi, t_q)
+  const int hi = all ? t_q : (ctl[1] > ctl[0] ? ctl[1] : ctl[0]);
+  const long long n_lo = (long long)lo * row_chunks, n_hi = (long long)(t_q - hi) * row_chunks;
+  const long long stride = (long long)gridDim.x * blockDim.x;
+  const uint4 z = make_uint4(0u, 0u, 0u, 0u);
+  for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n_lo + n_hi; i += stride) {
+    const long long c = i < n_lo ? i : (long long)hi * row_chunks + (i - n_lo);
+    out[c] = z;
+    if (lse && c % row_chunks == 0) {
+      const long long r = c / row_chunks;
+      for (int h = 0; h < n_heads; ++h) lse[r * n_heads + h] = PF_NEG_INF;
+    }
   }
 }
 

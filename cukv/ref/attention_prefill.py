@@ -125,7 +125,7 @@ def prefill_attention_f64(q, k, v, cu_seqlens_q, *, cu_seqlens_k=None, seqlens_k
         qg = qq.reshape(Lq, n_kvh, grp, D).transpose(1, 2, 0, 3)         # [N_KVH, grp, Lq, D]
         kt = kk.transpose(1, 0, 2)                                       # [N_KVH, Lk, D]
         vt = vv.transpose(1, 0, 2)
-        s = scale * np.einsum("hgqd,hkd->hgqk", qg, kt)                  # [N_KVH, grp, Lq, Lk]
+        s = scale * np.matmul(qg, kt[:, None].swapaxes(-1, -2))         # [N_KVH, grp, Lq, Lk]
         vis = np.broadcast_to(valid[None, :], (Lq, Lk))
         if causal:
             r = np.arange(Lq)[:, None]
@@ -137,7 +137,7 @@ def prefill_attention_f64(q, k, v, cu_seqlens_q, *, cu_seqlens_k=None, seqlens_k
             m_use = np.where(np.isfinite(m), m, 0.0)
             p = np.where(vis, np.exp(s - m_use), 0.0)
             l = p.sum(axis=-1, keepdims=True)
-            o = np.einsum("hgqk,hkd->hgqd", p, vt)
+            o = np.matmul(p, vt[:, None])                                # [N_KVH, grp, Lq, D]
             o = np.where(l > 0, o / np.where(l > 0, l, 1.0), 0.0)
             ls = np.where(l[..., 0] > 0, m[..., 0] + np.log(np.where(l[..., 0] > 0, l[..., 0], 1.0)),
                           -np.inf)
