@@ -19,7 +19,8 @@ _FMTS = ("bf16", "fp8", "fp8_head", "int4:g1", "int4:g2", "int4:g4", "int4:g8")
 _DEQUANT = _compile.Family("dequant.cu", [
     _compile.expression("dequantize_cache_rows", *fmt_targs(f)) for f in _FMTS])
 _THREADS = 256
-_ITER = 4          # DQ_ITER in dequant.cu
+ITERS = 4          # positions per thread, 1..4 (runtime; the bench sweeps it)
+_MAX_ITERS = 4     # DQ_MAX_ITERS in dequant.cu
 _MAX_GRID_Y = 65535
 _MAX_D = 8192      # D/8 threads per row in one block dimension
 
@@ -70,16 +71,19 @@ def _launch(geom, fmt, ck, cv, wk, wv, sk, sv, seqlens, bt, ok, ov, *, B, max_le
     vec = all(int(a.data.ptr) % cal == 0 for a in (ck, cv)) and \
         all(int(a.data.ptr) % 16 == 0 for a in (ok, ov))
     nch = D // 8
-    rows = max(1, _THREADS // nch)
-    n_rows = max_len * nkv
-    grid = (-(-n_rows // (rows * _ITER)), min(B, _MAX_GRID_Y), 2)
+    hs = min(1 << (nkv - 1).bit_length(), max(1, _THREADS // nch))
+    tps = max(1, _THREADS // (nch * hs))
+    iters = max(1, min(_MAX_ITERS, int(ITERS)))
+    grid = (-(-max_len // (tps * iters)), min(B, _MAX_GRID_Y), 2)
+    S = geom.page_size
+    shift = S.bit_length() - 1 if S & (S - 1) == 0 else -1
     k = _DEQUANT.kernel("dequantize_cache_rows", *fmt_targs(fmt))
     i32 = _compile.i32
-    _compile.launch(k, grid, (nch, rows), (
+    _compile.launch(k, grid, (nch, hs, tps), (
         ck, cv, wk, wv, sk, sv, seqlens, bt, ok, ov, i32(B), i32(nkv), i32(D), _compile.i64(R_bytes),
-        i32(geom.rows if not geom.paged else 0), i32(max_len), i32(T), i32(geom.page_size),
+        i32(geom.rows if not geom.paged else 0), i32(max_len), i32(T), i32(S), i32(shift),
         i32(bt.shape[1] if bt is not None else 0), i32(geom.n_pages), i32(geom.paged), i32(phys),
-        i32(vec)))
+        i32(iters), i32(vec)))
 
 
 @_backend.op("dequantize_cache", arrays=("cache_k", "cache_v", "seqlens", "qparam_k", "qparam_v",
@@ -139,6 +143,8 @@ def dequantize_cache(cache_k, cache_v, seqlens, fmt, *, qparam_k=None, qparam_v=
     if isinstance(max_len, bool) or not isinstance(max_len, (int, np.integer)) or max_len < 0:
         _checks.fail(op, "max_len", "an integer >= 0 or None", repr(max_len))
     max_len = int(max_len)
+    if max_len * nkv >= 2 ** 31:
+        _checks.fail(op, "max_len", f"max_len * N_KVH < 2**31 (N_KVH={nkv})", str(max_len))
     T = min(geom.capacity, max_len)
     shape = (B, max_len, nkv, D)
     if out is not None:
@@ -192,6 +198,8 @@ def dequantize_cache_physical(cache_k, cache_v, seqlens, fmt, *, qparam_k=None, 
     be = _backend.current()
     xp = be.xp
     T = geom.capacity
+    if T * geom.n_kv_heads >= 2 ** 31:
+        _checks.fail(op, "cache_k", "capacity * N_KVH < 2**31", _checks.describe(cache_k))
     if validate:
         _checks.check_index_contents(op, "kv_seqlen", seqlens, 0, T + 1,
                                      what=f"a length in [0, {T}] (the cache capacity)")

@@ -18,7 +18,6 @@ _PER_HEAD = _compile.Family("per_head.cu", [
     _compile.expression("quantize_qkv_rows", False),
 ])
 _THREADS = 256
-_ITER = 4          # PH_ITER in per_head.cu
 _MAX_D = 8192
 
 
@@ -160,6 +159,8 @@ def quantize_qkv_per_head(amax, xq, xk, xv, cache_k, cache_v, cache_pos, *, toke
         for name, qp in (("qparam_k", qparam_k), ("qparam_v", qparam_v)):
             _checks.check_array(op, name, qp, _checks.F32, (B, N_KVH), f"float32 [B={B}, N_KVH={N_KVH}]")
     _checks.check_array(op, "cache_pos", cache_pos, _checks.I32, (B_T,), f"int32 [B_T={B_T}]")
+    if B_T >= 2 ** 31:
+        _checks.fail(op, "xq", "B_T < 2**31 tokens", _checks.describe(xq))
     if token_lane is not None:
         _checks.check_array(op, "token_lane", token_lane, _checks.I32, (B_T,), f"int32 [B_T={B_T}]")
     elif B < B_T:
@@ -230,8 +231,9 @@ def quantize_qkv_per_head(amax, xq, xk, xv, cache_k, cache_v, cache_pos, *, toke
     i32, i64 = _compile.i32, _compile.i64
     amax_c = xp.ascontiguousarray(amax)
     scr = xp.empty((B, 1 + 2 * N_KVH), np.float32)
+    scr_inv = xp.empty_like(scr)
     _compile.launch(_PER_HEAD.kernel("per_head_scales"), (-(-scr.size // _THREADS),), (_THREADS,),
-                    (amax_c, i32(B), i32(N_H), i32(N_KVH), scr))
+                    (amax_c, i32(B), i32(N_H), i32(N_KVH), scr, scr_inv))
     xq_s, q_ts, q_hs = _strided(xp, xq)
     if kv:
         xk_s, k_ts, k_hs = _strided(xp, xk)
@@ -250,18 +252,19 @@ def quantize_qkv_per_head(amax, xq, xk, xv, cache_k, cache_v, cache_pos, *, toke
     cpos = xp.ascontiguousarray(cache_pos)
     capacity = geom.capacity if geom is not None else -1
     nch = D // 8
-    rows = max(1, _THREADS // nch)
     hhx = N_H + 2 * N_KVH if kv else N_H
-    grid = -(-(B_T * hhx) // (rows * _ITER))
+    hs = min(1 << (hhx - 1).bit_length(), max(1, _THREADS // nch))
+    tpb = max(1, _THREADS // (nch * hs))
+    grid = -(-B_T // tpb)
     k = _PER_HEAD.kernel("quantize_qkv_rows", bool(vec))
-    _compile.launch(k, (grid,), (nch, rows), (
+    _compile.launch(k, (grid,), (nch, hs, tpb), (
         xq_s, i64(q_ts), i64(q_hs), xk_s, i64(k_ts), i64(k_hs), xv_s, i64(v_ts), i64(v_hs), scr,
-        cache_k if kv else None, cache_v if kv else None, cpos, lane, pre,
+        scr_inv, cache_k if kv else None, cache_v if kv else None, cpos, lane, pre,
         qparam_k if kv else None, qparam_v if kv else None, scale_q, out, bt,
         i32(bt.shape[1] if paged else 0), i32(geom.page_size if geom is not None else 1),
         i32(geom.n_pages if paged else 0), i32(geom.rows if geom is not None and not paged else 0),
         i32(paged), i64(capacity), vt_dev, i64(vt_host if vt_host is not None else 0), i32(B),
-        i64(B_T), i32(N_H), i32(N_KVH), i32(D), i32(kv)))
+        i32(B_T), i32(N_H), i32(N_KVH), i32(D), i32(kv)))
     return _backend.fp8_result(out), scale_q
 
 

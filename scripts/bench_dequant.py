@@ -20,6 +20,7 @@ import ml_dtypes
 import numpy as np
 
 import cukv
+from cukv import dequant as dq
 
 BF16 = ml_dtypes.bfloat16
 S_MIN = 1.0 / 229376.0
@@ -133,6 +134,16 @@ def bench_dequant(ctx):
             ex["torch_eager_ms"] = round(eager, 5)
         ctx.record(f"dequantize_cache {fmt}{' paged' if paged else ''}", (2, B, T, H, D), ms, nbytes,
                    peer="torch.compile", peer_ms=peer_ms, extra=ex)
+        if fmt in ("fp8", "int4:g4"):                 # positions-per-thread plan sweep
+            default = dq.ITERS
+            for it in (1, 2):
+                dq.ITERS = it
+                try:
+                    ms_i = ctx.time(run)
+                finally:
+                    dq.ITERS = default
+                ctx.record(f"  plan: {it} positions/thread", (2, B, T, H, D), ms_i, nbytes,
+                           extra={"layout": ex["layout"], "default_positions_per_thread": default})
         del ck, cv, out
         cp.get_default_memory_pool().free_all_blocks()
     del x

@@ -356,6 +356,31 @@ def test_kernel_scalar_path_and_views(gpu, rng):
         check_all((got[0], got[1], dck, dcv, dqk, dqv), want, how)
 
 
+@pytest.mark.parametrize("D", [64, 128, 256])
+def test_kernel_all_bf16_values(gpu, rng, D):
+    """Every bf16 bit pattern (NaN of both signs, +-Inf, subnormals, every e4m3 rounding tie) through
+    the Q and K/V encoders with exact scales 1 and 2^-4, for each head-slot layout (D)."""
+    N_H, N_KVH = 2, 1
+    n = 65536 // (2 * D)
+    bits = np.arange(65536, dtype=np.uint32).astype(np.uint16)
+    x = bits.view(BF16).reshape(n, 2, D)                # n tokens x 2 heads x D: every bf16 value
+    xq = x
+    xk, xv = x[:, :1], x[:, 1:]
+    lane = np.repeat(np.arange(2, dtype=np.int32), n // 2)
+    pos = np.tile(np.arange(n // 2, dtype=np.int32), 2)
+    amax = np.array([[448, 448, 7, 7], [28, 1, 28 / 64, 28 / 64]], F32)   # scales 1 and 2^-4
+    ck = np.zeros((2, n // 2, N_KVH, D), np.uint8)
+    qk = np.zeros((2, N_KVH), F32)
+    want = expect(amax, xq, xk, xv, ck, ck, pos, lane, None, qk, qk)
+    assert want[1][0, 0] == 1 and want[1][1, 0] == F32(2 ** -4) and want[4][0, 0] == 1
+    d = gpu.asarray
+    dck, dcv, dqk, dqv = d(ck), d(ck), d(qk), d(qk)
+    got = cukv.quantize_qkv_per_head(d(amax), d(xq), d(np.ascontiguousarray(xk)),
+                                     d(np.ascontiguousarray(xv)), dck, dcv, d(pos), token_lane=d(lane),
+                                     qparam_k=dqk, qparam_v=dqv)
+    check_all((got[0], got[1], dck, dcv, dqk, dqv), want)
+
+
 def test_kernel_many_tokens(gpu, rng):
     """A larger batch (4096 tokens, 32/8 heads) against the NumPy path of the op."""
     B, N_H, N_KVH, D, T = 4, 32, 8, 128, 1024

@@ -12,11 +12,12 @@
 //   Cache row (b, t, h): contiguous  byte ((b*MAX_T + t)*N_KVH + h) * R
 //                        paged       byte ((bt[b, t/S]*S + t%S)*N_KVH + h) * R, page id in [0, P)
 //   External fp8 words and fp8_head scales are indexed like the cache row and by b*N_KVH + h.
-// Thread layout: blockDim = (D/8, ROWS); thread (c, y) handles chunk c (8 elements, one 16-byte store)
-// of ITER rows of one lane (blockIdx.y strides over lanes). Offsets are 64-bit.
+// Thread layout: blockDim = (D/8, HS, TPS): thread (c, y, z) handles chunk c (8 elements, one 16-byte
+// store) of heads y, y+HS, ... at `iters` positions TPS apart; blockIdx = (position block, lane, K/V).
+// The K/V pair shares one launch. Offsets are 64-bit; a power-of-two page size uses shifts.
 #include "rows.cuh"
 
-#define DQ_ITER 4
+#define DQ_MAX_ITERS 4
 
 template <bool VEC>
 __device__ __forceinline__ void store_zero8(u16* p) {
@@ -28,60 +29,71 @@ __device__ __forceinline__ void store_zero8(u16* p) {
   }
 }
 
+// One lane b. Thread (c, y, z) handles chunk c of heads h = y, y + blockDim.y, ... at positions
+// t = t0 + z + k*blockDim.z, k < iters (<= DQ_MAX_ITERS, unrolled): the page lookups of all its
+// positions are issued first, then the rows are decoded and stored.
 template <int FMT, int G, bool VEC>
 __device__ __forceinline__ void dequant_lane(
     const u8* __restrict__ cache, const int* __restrict__ words, const float* __restrict__ scales,
     u16* __restrict__ out, const int* __restrict__ block_tables, int b, int len, int nkv, int D,
-    i64 R, int max_t, int max_len, int page_size, int max_pages, int n_pages, int paged, int phys) {
+    i64 R, int max_t, int max_len, int page_size, int page_shift, int max_pages, int n_pages,
+    int paged, int phys, int iters) {
   const int c = threadIdx.x;
-  const int rows_per_block = blockDim.y;
-  const i64 n_rows = (i64)max_len * nkv;
-  i64 q = (i64)blockIdx.x * (rows_per_block * DQ_ITER) + threadIdx.y;
-  if (q >= n_rows) return;
-  // (t, h) of row q, updated incrementally: q += rows_per_block.
-  int t = (int)(q / nkv);
-  int h = (int)(q - (i64)t * nkv);
-  const int dt = rows_per_block / nkv, dh = rows_per_block - dt * nkv;
+  const u32 tps = blockDim.z;
+  const u32 t0 = blockIdx.x * tps * (u32)iters + threadIdx.z;
+  if (t0 >= (u32)max_len) return;
   const int* bt_row = paged ? block_tables + (i64)b * max_pages : nullptr;
+  i64 prow[DQ_MAX_ITERS];   // physical (or contiguous) row of position t, -1: zero row, -2: none
 #pragma unroll
-  for (int it = 0; it < DQ_ITER; ++it) {
-    if (q >= n_rows) break;
-    bool data = t < len;
-    i64 crow = 0;  // cache row index (row-major over [*, *, N_KVH])
-    if (data) {
+  for (int k = 0; k < DQ_MAX_ITERS; ++k) {
+    const u32 t = t0 + k * tps;
+    prow[k] = -2;
+    if (k >= iters || t >= (u32)max_len) continue;
+    prow[k] = -1;
+    if (t < (u32)len) {
       if (paged) {
-        const int pg = t / page_size;
+        u32 pg, off;
+        if (page_shift >= 0) {
+          pg = t >> page_shift;
+          off = t & (u32)(page_size - 1);
+        } else {
+          pg = t / (u32)page_size;
+          off = t - pg * (u32)page_size;
+        }
         const int page = bt_row[pg];
-        data = (unsigned)page < (unsigned)n_pages;
-        crow = ((i64)page * page_size + (t - pg * page_size)) * nkv + h;
+        if ((unsigned)page < (unsigned)n_pages) prow[k] = (i64)page * page_size + off;
       } else {
-        crow = ((i64)b * max_t + t) * nkv + h;
+        prow[k] = (i64)b * max_t + t;
       }
     }
-    u16* dst = phys ? out + crow * D + 8 * c : out + ((i64)b * n_rows + q) * D + 8 * c;
-    if (data) {
-      float x[1][8];
-      const float s = FMT == FMT_FP8_HEAD ? scales[(i64)b * nkv + h] : 0.0f;
-      decode_row<FMT, G, 32, 1, VEC>(cache + crow * R, words ? words + crow : nullptr, s, D, c, x);
-      store_bf16x8<VEC>(dst, x[0]);
-    } else if (!phys) {
-      store_zero8<VEC>(dst);
+  }
+  for (int h = threadIdx.y; h < nkv; h += blockDim.y) {
+    const float s = FMT == FMT_FP8_HEAD ? scales[(i64)b * nkv + h] : 0.0f;
+#pragma unroll
+    for (int k = 0; k < DQ_MAX_ITERS; ++k) {
+      if (prow[k] == -2) continue;
+      const i64 crow = prow[k] * nkv + h;
+      const u32 t = t0 + k * tps;
+      u16* dst = (phys ? out + crow * D : out + (((i64)b * max_len + t) * nkv + h) * D) + 8 * c;
+      if (prow[k] >= 0) {
+        float x[1][8];
+        decode_row<FMT, G, 32, 1, VEC>(cache + crow * R, words ? words + crow : nullptr, s, D, c, x);
+        store_bf16x8<VEC>(dst, x[0]);
+      } else if (!phys) {
+        store_zero8<VEC>(dst);
+      }
     }
-    q += rows_per_block;
-    t += dt;
-    h += dh;
-    if (h >= nkv) { h -= nkv; ++t; }
   }
 }
 
 template <int FMT, int G>
-__global__ void dequantize_cache_rows(
+__global__ void __launch_bounds__(256, 4) dequantize_cache_rows(
     const u8* __restrict__ cache_k, const u8* __restrict__ cache_v, const int* __restrict__ words_k,
     const int* __restrict__ words_v, const float* __restrict__ scales_k,
     const float* __restrict__ scales_v, const int* __restrict__ seqlens,
     const int* __restrict__ block_tables, u16* __restrict__ out_k, u16* __restrict__ out_v, int B,
-    int nkv, int D, i64 R, int max_t, int max_len, int T, int page_size, int max_pages, int n_pages,
-    int paged, int phys, int vec) {
+    int nkv, int D, i64 R, int max_t, int max_len, int T, int page_size, int page_shift,
+    int max_pages, int n_pages, int paged, int phys, int iters, int vec) {
   const bool is_v = blockIdx.z == 1;
   const u8* cache = is_v ? cache_v : cache_k;
   const int* words = is_v ? words_v : words_k;
@@ -93,9 +105,9 @@ __global__ void dequantize_cache_rows(
     if (phys && len == 0) continue;
     if (vec)
       dequant_lane<FMT, G, true>(cache, words, scales, out, block_tables, b, len, nkv, D, R, max_t,
-                                 max_len, page_size, max_pages, n_pages, paged, phys);
+                                 max_len, page_size, page_shift, max_pages, n_pages, paged, phys, iters);
     else
       dequant_lane<FMT, G, false>(cache, words, scales, out, block_tables, b, len, nkv, D, R, max_t,
-                                  max_len, page_size, max_pages, n_pages, paged, phys);
+                                  max_len, page_size, page_shift, max_pages, n_pages, paged, phys, iters);
   }
 }

@@ -4,20 +4,18 @@
 //   amax [B, HH] (fp32, one rounding per operation, NaN propagating min/max; no fminf/fmaxf):
 //     s_q(b)   = max(RN(min(max_{h<N_H} amax[b,h], 12000) / 448), S_MIN)
 //     s_k(b,h) = max(RN(min(RN(64 * amax[b, N_H+h]), 12000) / 448), S_MIN)    (V: N_H+N_KVH+h)
-// quantize_qkv_rows<VEC>: rows (i, j) of the packed tokens, j < N_H (Q heads), then N_KVH K heads and
+// quantize_qkv_rows<VEC>: heads j of each packed token i, j < N_H (Q heads), then N_KVH K heads and
 //   N_KVH V heads when `kv` is set. Per token i: lane b = token_lane[i] (or i), slot c = cache_pos[i].
 //   The token is kept unless i >= valid_tokens, c < 0 (-1: skip), b outside [0, B), c outside [0, capacity)
 //   (capacity < 0: no cache), or it writes K/V and its page id is outside [0, P).
 //     Q row:  out[i, j, :] = E4M3(clamp(RN(f32(xq[i,j,:]) * RN(1/s_q(b))), +-448)); zero bytes if skipped.
-//             The thread of chunk c of row j = 0 also writes scale_q[b, k] = s_q(b) (k = c, c+D/8, ...)
+//             Head slot 0's thread of chunk c also writes scale_q[b, k] = s_q(b) (k = c, c+D/8, ...)
 //             and, if the token writes K/V, qparam_k[b, k] = s_k(b,k), qparam_v[b, k] = s_v(b,k).
 //     K/V row (kept, kv, not precomputed): cache row (b, c, h) <- xk[i, h] with RN(1/s_k(b,h)); V likewise.
 //   Equal values may be stored to one scale address by several tokens (no float atomics; deterministic).
-// Thread layout: blockDim = (D/8, ROWS); each thread handles one 8-element chunk of PH_ITER rows.
+// Thread layout: blockDim = (D/8, HS, TPB): TPB tokens per block, HS head slots per token.
 // xq/xk/xv are strided views (token and head strides in elements, unit last-axis stride).
 #include "rows.cuh"
-
-#define PH_ITER 4
 
 __device__ __forceinline__ float nan_max(float a, float b) { return (a > b || a != a) ? a : b; }
 __device__ __forceinline__ float nan_min(float a, float b) { return (a < b || a != a) ? a : b; }
@@ -28,8 +26,9 @@ __device__ __forceinline__ float scale_recipe(float a) {
   return nan_max(s, CUKV_S_MIN);
 }
 
+// scr[b, j] = scale, inv[b, j] = RN(1/scale) for j = 0 (Q), 1 + h (K head h), 1 + N_KVH + h (V head h).
 __global__ void per_head_scales(const float* __restrict__ amax, int B, int n_h, int nkv,
-                                float* __restrict__ scr) {
+                                float* __restrict__ scr, float* __restrict__ inv) {
   const int ncol = 1 + 2 * nkv;
   const i64 idx = (i64)blockIdx.x * blockDim.x + threadIdx.x;
   if (idx >= (i64)B * ncol) return;
@@ -44,83 +43,94 @@ __global__ void per_head_scales(const float* __restrict__ amax, int B, int n_h, 
     s = scale_recipe(__fmul_rn(64.0f, a[n_h + j - 1]));
   }
   scr[idx] = s;
+  inv[idx] = __frcp_rn(s);
 }
 
-template <bool VEC>
-__device__ __forceinline__ void quantize_chunk(const u16* src, u8* dst, int c, int D, float inv) {
-  float y[1][8];
-  Chunk<bf16_t, VEC>::load(reinterpret_cast<const bf16_t*>(src) + 8 * c, y[0]);
-  encode_fp8_head_row<32, 1, VEC>(y, D, c, dst, inv);
-}
+// Token-major: thread (c, y, z) handles chunk c of token i = blockIdx.x * blockDim.z + z, heads
+// j = y, y + HS, ... (HS = blockDim.y) in rounds of PH_HEADS: the token's lane, slot, page and Q scale
+// are looked up once; in each round the 16-byte loads of all its heads are issued before any store.
+#define PH_HEADS 4
 
 template <bool VEC>
-__global__ void quantize_qkv_rows(
+__global__ void __launch_bounds__(256, 3) quantize_qkv_rows(
     const u16* __restrict__ xq, i64 q_ts, i64 q_hs, const u16* __restrict__ xk, i64 k_ts, i64 k_hs,
     const u16* __restrict__ xv, i64 v_ts, i64 v_hs, const float* __restrict__ scr,
-    u8* __restrict__ cache_k, u8* __restrict__ cache_v, const int* __restrict__ cache_pos,
-    const int* __restrict__ token_lane, const u8* __restrict__ precomputed,
-    float* __restrict__ qparam_k, float* __restrict__ qparam_v, float* __restrict__ scale_q,
-    u8* __restrict__ out, const int* __restrict__ block_tables, int max_pages, int page_size,
-    int n_pages, int max_t, int paged, i64 capacity, const long long* __restrict__ valid_ptr,
-    i64 valid_val, int B, i64 B_T, int n_h, int nkv, int D, int kv) {
+    const float* __restrict__ scr_inv, u8* __restrict__ cache_k, u8* __restrict__ cache_v,
+    const int* __restrict__ cache_pos, const int* __restrict__ token_lane,
+    const u8* __restrict__ precomputed, float* __restrict__ qparam_k, float* __restrict__ qparam_v,
+    float* __restrict__ scale_q, u8* __restrict__ out, const int* __restrict__ block_tables,
+    int max_pages, int page_size, int n_pages, int max_t, int paged, i64 capacity,
+    const long long* __restrict__ valid_ptr, i64 valid_val, int B, int B_T, int n_h, int nkv, int D,
+    int kv) {
   const int c = threadIdx.x;
-  const int nch = blockDim.x;
-  const int rows_per_block = blockDim.y;
+  const int hs = blockDim.y;
+  const i64 i = (i64)blockIdx.x * blockDim.z + threadIdx.z;
+  if (i >= B_T) return;
   const int hhx = kv ? n_h + 2 * nkv : n_h;
   const int ncol = 1 + 2 * nkv;
-  const i64 n_rows = B_T * hhx;
-  i64 r = (i64)blockIdx.x * (rows_per_block * PH_ITER) + threadIdx.y;
-  if (r >= n_rows) return;
-  i64 valid = valid_ptr ? (i64)*valid_ptr : valid_val;
-  i64 i = r / hhx;
-  int j = (int)(r - i * hhx);
-  const int di = rows_per_block / hhx, dj = rows_per_block - di * hhx;
-#pragma unroll 1
-  for (int it = 0; it < PH_ITER; ++it) {
-    if (r >= n_rows) break;
-    const int b = token_lane ? token_lane[i] : (int)i;
-    const int cp = cache_pos[i];
-    bool kept = i < valid && cp >= 0 && b >= 0 && b < B && (capacity < 0 || (i64)cp < capacity);
-    bool wkv = kv && kept && !(precomputed && precomputed[i]);
-    i64 crow = 0;
-    if (wkv) {
-      if (paged) {
-        const int pg = cp / page_size;
-        const int page = block_tables[(i64)b * max_pages + pg];
-        if ((unsigned)page >= (unsigned)n_pages) kept = wkv = false;
-        crow = ((i64)page * page_size + (cp - pg * page_size)) * nkv;
-      } else {
-        crow = ((i64)b * max_t + cp) * nkv;
-      }
+  const i64 valid = valid_ptr ? (i64)*valid_ptr : valid_val;
+  const int b = token_lane ? token_lane[i] : (int)i;
+  const int cp = cache_pos[i];
+  bool kept = i < valid && cp >= 0 && b >= 0 && b < B && (capacity < 0 || (i64)cp < capacity);
+  bool wkv = kv && kept && !(precomputed && precomputed[i]);
+  i64 crow = 0;
+  if (wkv) {
+    if (paged) {
+      const int pg = cp / page_size;
+      const int page = block_tables[(i64)b * max_pages + pg];
+      if ((unsigned)page >= (unsigned)n_pages) kept = wkv = false;
+      crow = ((i64)page * page_size + (cp - pg * page_size)) * nkv;
+    } else {
+      crow = ((i64)b * max_t + cp) * nkv;
     }
-    const float* sc = scr + (i64)b * ncol;
-    if (j < n_h) {
-      u8* dst = out + (i * n_h + j) * D;
-      if (kept) {
-        const float sq = sc[0];
-        quantize_chunk<VEC>(xq + i * q_ts + j * q_hs, dst, c, D, __frcp_rn(sq));
-        if (j == 0) {
-          for (int k = c; k < nkv; k += nch) {
-            scale_q[(i64)b * nkv + k] = sq;
-            if (wkv) {
-              qparam_k[(i64)b * nkv + k] = sc[1 + k];
-              qparam_v[(i64)b * nkv + k] = sc[1 + nkv + k];
-            }
-          }
+  }
+  const float* inv_b = scr_inv + (i64)b * ncol;
+  const float inv_q = kept ? inv_b[0] : 0.0f;
+  const u16* q_row = xq + i * q_ts + 8 * c;
+  u8* o_row = out + i * n_h * D;
+  for (int j0 = threadIdx.y; j0 < hhx; j0 += PH_HEADS * hs) {
+    float y[PH_HEADS][1][8];
+    u8* dst[PH_HEADS];
+    float inv[PH_HEADS];
+    int act[PH_HEADS];   // 0 nothing, 1 encode, 2 zero Q row
+#pragma unroll
+    for (int k = 0; k < PH_HEADS; ++k) {
+      const int j = j0 + k * hs;
+      act[k] = 0;
+      if (j >= hhx) continue;
+      if (j < n_h) {
+        dst[k] = o_row + (i64)j * D;
+        if (kept) {
+          Chunk<bf16_t, VEC>::load(reinterpret_cast<const bf16_t*>(q_row + j * q_hs), y[k][0]);
+          inv[k] = inv_q;
+          act[k] = 1;
+        } else {
+          act[k] = 2;
         }
-      } else {
-        store_u8x8<VEC>(dst + 8 * c, 0u, 0u);
+      } else if (wkv) {
+        const bool is_v = j >= n_h + nkv;
+        const int h = j - n_h - (is_v ? nkv : 0);
+        const u16* src = (is_v ? xv + i * v_ts + h * v_hs : xk + i * k_ts + h * k_hs) + 8 * c;
+        Chunk<bf16_t, VEC>::load(reinterpret_cast<const bf16_t*>(src), y[k][0]);
+        dst[k] = (is_v ? cache_v : cache_k) + (crow + h) * D;
+        inv[k] = inv_b[1 + (is_v ? nkv : 0) + h];
+        act[k] = 1;
       }
-    } else if (wkv) {
-      const bool is_v = j >= n_h + nkv;
-      const int h = j - n_h - (is_v ? nkv : 0);
-      const u16* src = is_v ? xv + i * v_ts + h * v_hs : xk + i * k_ts + h * k_hs;
-      u8* dst = (is_v ? cache_v : cache_k) + (crow + h) * D;
-      quantize_chunk<VEC>(src, dst, c, D, __frcp_rn(sc[1 + (is_v ? nkv : 0) + h]));
     }
-    r += rows_per_block;
-    i += di;
-    j += dj;
-    if (j >= hhx) { j -= hhx; ++i; }
+#pragma unroll
+    for (int k = 0; k < PH_HEADS; ++k) {
+      if (act[k] == 1) encode_fp8_head_row<32, 1, VEC>(y[k], D, c, dst[k], inv[k]);   // chunk c
+      else if (act[k] == 2) store_u8x8<VEC>(dst[k] + 8 * c, 0u, 0u);
+    }
+  }
+  if (kept && threadIdx.y == 0) {
+    const float* sc = scr + (i64)b * ncol;
+    for (int k = c; k < nkv; k += blockDim.x) {
+      scale_q[(i64)b * nkv + k] = sc[0];
+      if (wkv) {
+        qparam_k[(i64)b * nkv + k] = sc[1 + k];
+        qparam_v[(i64)b * nkv + k] = sc[1 + nkv + k];
+      }
+    }
   }
 }
