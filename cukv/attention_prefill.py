@@ -26,7 +26,7 @@ _LINEAR, _PAGED = 0, 1
 # registers instead of re-reading them from shared memory; MINB is the __launch_bounds__ occupancy.
 CONFIGS = {64: (2, 4, 64, True, 2), 128: (2, 4, 64, False, 2), 256: (1, 4, 64, False, 2)}
 # Alternatives for D = 128 (bf16, contiguous/packed K/V), declared so the benchmark can compare them.
-ALT_CONFIGS_128 = ((1, 4, 64, True, 3), (1, 8, 64, True, 1))
+ALT_CONFIGS_128 = ((1, 4, 64, True, 3), (1, 8, 64, True, 1), (2, 4, 32, False, 2))
 
 
 def _fwd_expr(D, cfg, layout, fcode):
@@ -304,7 +304,11 @@ def _run_gpu(geo, q, k, v, cu_q, cu_k, lens_k, bt, qp_k, qp_v, causal, return_ls
     grid = n_blocks * geo.N_H
     if grid >= 2 ** 31:
         _checks.fail(OP, "q", f"fewer than 2^31 / N_H query blocks of {BM} rows", f"{n_blocks} blocks")
-    smem = (BM + 2 * BN) * D * 2 + (BN if layout == _PAGED else 0)
+    R = row_bytes(geo.fmt, D, geo.external) if geo.kind != "bf16" else 0
+    rsp = (R + 15) // 16 * 16
+    smem = (BM + 2 * BN) * D * 2 + BN + 8 * (BN + 4) + (2 * BN * rsp + 8 * BN if R else 0)
+    S = geo.page_size
+    page_shift = S.bit_length() - 1 if S & (S - 1) == 0 else -1
     scale_log2 = np.float32(geo.scale * math.log2(math.e))
     kv_pad = int(k.shape[1]) if geo.layout == "padded" else 0
     qp_off = 4 if geo.kind == "fp8" and not geo.external else 0
@@ -314,8 +318,8 @@ def _run_gpu(geo, q, k, v, cu_q, cu_k, lens_k, bt, qp_k, qp_v, causal, return_ls
                      i64(v_sb), i64(v_st), i64(v_sh), plan, blk_cum, bt, qp_k, qp_v, out, lse,
                      i32(geo.B), i32(geo.N_H), i32(geo.N_H // geo.N_KVH), i32(geo.N_KVH),
                      i32(1 if causal else 0), scale_log2,
-                     i32(bt.shape[1] if bt is not None else 0), i32(geo.page_size), i32(geo.n_pages),
-                     i32(kv_pad), i32(geo.G), i32(qp_off)),
+                     i32(bt.shape[1] if bt is not None else 0), i32(S), i32(page_shift),
+                     i32(geo.n_pages), i32(kv_pad), i32(geo.G), i32(R), i32(qp_off)),
                     shared_mem=smem)
     return out, lse
 

@@ -11,19 +11,24 @@
 // Query row r of a lane sits at position r + L_k - L_q and sees keys j <= that (bottom-right causal).
 //
 // Shared memory (bf16, every tile row-major [rows][D], 16-byte chunk c of row r stored at chunk
-// c ^ (r & 7) so that ldmatrix is conflict-free): Q [BM][D], K [BN][D], V [BN][D], and in paged mode
-// one validity byte per key of the K tile. Nothing scales with the sequence length. Pipelining as in
+// c ^ (r & 7) so that ldmatrix is conflict-free): Q [BM][D], K [BN][D], V [BN][D], one validity
+// byte per key of the K tile, two page-id buffers, and for quantized caches the raw-row staging.
+// Nothing scales with the sequence length. Pipelining as in
 // FlashAttention-2: K and V have one buffer each; V(j) loads (cp.async) while S = Q K(j)^T runs, and
 // K(j-1) loads while the softmax and P V(j) run.
 //
 // K/V layouts (LAYOUT): PF_LINEAR covers packed [T_k, N_KVH, D] (the lane starts at row kstart) and
 // padded [B, KV_PAD, N_KVH, D] (lane b at b*stride_b); PF_PAGED reads [1, P*S, N_KVH, R] through
-// block tables (a key behind a page id outside [0, P) is excluded from attention). Strides are in
-// elements of the cache (bytes for uint8 caches); the host guarantees 16-byte aligned bf16 rows and
-// 4-byte aligned quantized rows. FMT != FMT_BF16 (padded or paged quantized caches) decodes each
-// 8-element chunk to the exact bf16 values of SPEC §2.3-§2.5 and stores it into the same tiles.
+// block tables (a key behind a page id outside [0, P) is excluded from attention). Paged tiles get
+// their block-table entries by cp.async one tile ahead (double-buffered page-id array), so no global
+// load sits on a tile load's critical path. Strides are in elements of the cache (bytes for uint8
+// caches); the host guarantees 16-byte aligned bf16 rows and 4-byte aligned quantized rows.
+// FMT != FMT_BF16 (padded or paged quantized caches): the raw rows (and external fp8 words) of a
+// tile are cp.async'd into a staging buffer, then decoded chunk by chunk into the bf16 tiles with
+// exactly the values of SPEC §2.3-§2.5 (K at the top of an iteration, V after S = Q K^T), so the
+// result equals dequantize-then-attend bit for bit.
 //
-// prefill_plan<BM> runs first (one CTA): it clamps every lane's q/k ranges (validate=False guards,
+// prefill_plan runs first (one CTA): it clamps every lane's q/k ranges (validate=False guards,
 // SPEC §1.4) into plan[b] = {q_start, L_q, k_start, L_k} and prefix-sums the lane's query blocks into
 // blk_cum. CTA x of the attention grid takes head x % N_H and block x / N_H, found by binary search;
 // blocks are walked from the lane's last (largest causal work) to its first.
@@ -51,6 +56,10 @@ __device__ __forceinline__ u32 pf_smem_addr(const void* p) {
 __device__ __forceinline__ void pf_cp_async16(u32 dst, const void* src, u32 nbytes) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(nbytes));
 }
+// 4-byte global -> shared copy (quantized rows, block-table entries, qparam words).
+__device__ __forceinline__ void pf_cp_async4(u32 dst, const void* src) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(dst), "l"(src));
+}
 __device__ __forceinline__ void pf_cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N> __device__ __forceinline__ void pf_cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
@@ -66,6 +75,11 @@ __device__ __forceinline__ uint4 pf_ld_shared16(u32 src) {
   uint4 v;
   asm volatile("ld.shared.v4.b32 {%0, %1, %2, %3}, [%4];\n"
                : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "r"(src));
+  return v;
+}
+__device__ __forceinline__ u32 pf_ld_shared4(u32 src) {
+  u32 v;
+  asm volatile("ld.shared.b32 %0, [%1];\n" : "=r"(v) : "r"(src));
   return v;
 }
 __device__ __forceinline__ void pf_st_shared_u8(u32 dst, u32 a) {
@@ -202,25 +216,20 @@ __global__ void prefill_fill_unowned(const int* __restrict__ ctl, int t_q, int n
 
 // ------------------------------------------------------------------------------------ K/V decode
 // 8 elements [8c, 8c+8) of one cache row -> four words of two bf16 each (SPEC §2.3-§2.5 values).
-// fp8: w = (scale | shift << 16) fp16 bits; fp8_head: s = the scale; int4: group words read here.
+//   fp8:      c0, c1 = codes 8c..8c+7, w = (scale | shift << 16) fp16 bits
+//   fp8_head: c0, c1 = codes, s = the (lane, KV head) scale
+//   int4:     c0 = the 4 bytes of nibbles of the chunk, w = its group's (scale | shift << 16) word
 template <int FMT>
-__device__ __forceinline__ void pf_decode_chunk(const u8* row, int c, u32 w, float s, int D, int G,
-                                                u32 (&o)[4]) {
+__device__ __forceinline__ void pf_decode8(u32 c0, u32 c1, u32 w, float s, u32 (&o)[4]) {
   if (FMT == PF_FMT_INT4) {
-    const int g = (8 * c) / (D / G);
-    const u32 wg = *reinterpret_cast<const u32*>(row + 4 * g);
-    const u32 p = *reinterpret_cast<const u32*>(row + 4 * G + 4 * c);
-    const u16 sc = (u16)(wg & 0xffffu), sh = (u16)(wg >> 16);
+    const u16 sc = (u16)(w & 0xffffu), sh = (u16)(w >> 16);
 #pragma unroll
     for (int k = 0; k < 4; ++k) {
-      const float lo = f16_to_f32(f16_fma(u4_to_f16((p >> (8 * k)) & 0xfu), sc, sh));
-      const float hi = f16_to_f32(f16_fma(u4_to_f16((p >> (8 * k + 4)) & 0xfu), sc, sh));
+      const float lo = f16_to_f32(f16_fma(u4_to_f16((c0 >> (8 * k)) & 0xfu), sc, sh));
+      const float hi = f16_to_f32(f16_fma(u4_to_f16((c0 >> (8 * k + 4)) & 0xfu), sc, sh));
       o[k] = (u32)f32_to_bf16(lo) | ((u32)f32_to_bf16(hi) << 16);
     }
   } else {
-    // fp8 codes start after the inline word (external words: the host passes off = 0 via row).
-    const u32 c0 = *reinterpret_cast<const u32*>(row + 8 * c);
-    const u32 c1 = *reinterpret_cast<const u32*>(row + 8 * c + 4);
     float scale = s, shift = 0.0f;
     if (FMT == PF_FMT_FP8) {
       scale = f16_to_f32((u16)(w & 0xffffu));
@@ -264,7 +273,8 @@ prefill_attention_fwd(const u16* __restrict__ q, long long q_st, long long q_sh,
                       const int* __restrict__ block_tables, const int* __restrict__ qp_k,
                       const int* __restrict__ qp_v, u16* __restrict__ out, float* __restrict__ lse,
                       int n_lanes, int n_heads, int group, int n_kvh, int causal, float scale_log2,
-                      int max_pages, int page_size, int n_pages, int kv_pad, int n_groups, int qp_off) {
+                      int max_pages, int page_size, int page_shift, int n_pages, int kv_pad,
+                      int n_groups, int row_bytes, int qp_off) {
   const PfArgs a = {q, q_st, q_sh, k, v, k_sb, k_st, k_sh, v_sb, v_st, v_sh, plan, blk_cum,
                     block_tables, qp_k, qp_v, out, lse};
   constexpr int NT = NW * 32;
@@ -272,14 +282,25 @@ prefill_attention_fwd(const u16* __restrict__ q, long long q_st, long long q_sh,
   constexpr int CH = D / 8;               // 16-byte chunks per row
   constexpr int NB = BN / 8;              // n8 blocks of S per m16 tile
   constexpr int ND = D / 8;               // n8 blocks of O per m16 tile
+  constexpr bool QUANT = FMT != PF_FMT_BF16;
+  constexpr bool PAGED = LAYOUT == PF_PAGED;
   static_assert((BM * CH) % NT == 0 && (BN * CH) % NT == 0, "tile loads must divide evenly");
   static_assert(BN % 16 == 0 && D % 16 == 0, "BN and D must be multiples of 16");
 
+  // Shared memory: Q | K | V (bf16 tiles) | validity bytes [BN] | page ids [2][BN + 4] |
+  // quantized only: raw K rows [BN][rsp] | raw V rows [BN][rsp] | fp8 words K [BN] | V [BN].
   extern __shared__ __align__(128) unsigned char pf_smem[];
+  const int rw = row_bytes >> 2;          // 4-byte words per quantized row
+  const int rsp = (row_bytes + 15) & ~15; // staging row pitch
   const u32 sQ = pf_smem_addr(pf_smem);
   const u32 sK = sQ + BM * D * 2;
   const u32 sV = sK + BN * D * 2;
-  const u32 sF = sV + BN * D * 2;         // paged: one validity byte per key of the K tile
+  const u32 sF = sV + BN * D * 2;
+  const u32 sPg = sF + BN;
+  const u32 rK = sPg + 8 * (BN + 4);
+  const u32 rV = rK + BN * rsp;
+  const u32 sWk = rV + BN * rsp;
+  const u32 sWv = sWk + BN * 4;
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int g = lane >> 2, tig = lane & 3;
@@ -313,27 +334,40 @@ prefill_attention_fwd(const u16* __restrict__ q, long long q_st, long long q_sh,
   typedef typename pf_if<FMT == PF_FMT_BF16, u16, u8>::type CT;
   const CT* kbase = reinterpret_cast<const CT*>(a.k) + (long long)kvh * a.k_sh;
   const CT* vbase = reinterpret_cast<const CT*>(a.v) + (long long)kvh * a.v_sh;
-  if (LAYOUT == PF_LINEAR) {
+  if (!PAGED) {
     kbase += (long long)b * a.k_sb + (long long)ks * a.k_st;
     vbase += (long long)b * a.v_sb + (long long)ks * a.v_st;
   }
-  const int* bt = LAYOUT == PF_PAGED ? a.block_tables + (long long)b * max_pages : nullptr;
+  const int* bt = PAGED ? a.block_tables + (long long)b * max_pages : nullptr;
+  const int* qpw_k = FMT == PF_FMT_FP8 && qp_off == 0 ? a.qp_k : nullptr;   // external fp8 words
+  const int* qpw_v = FMT == PF_FMT_FP8 && qp_off == 0 ? a.qp_v : nullptr;
+  float s_k = 0.0f, s_v = 0.0f;                                              // fp8_head scales
+  if (FMT == PF_FMT_FP8_HEAD) {
+    s_k = __int_as_float(a.qp_k[(long long)b * n_kvh + kvh]);
+    s_v = __int_as_float(a.qp_v[(long long)b * n_kvh + kvh]);
+  }
 
-  // Physical row of key t (< lk) of this lane, or -1 when its page id is out of range.
-  auto phys_row = [&](int t) -> long long {
-    if (LAYOUT == PF_LINEAR) return (long long)t;
-    const int pid = bt[t / page_size];
+  auto pdiv = [&](int t) -> int { return page_shift >= 0 ? t >> page_shift : t / page_size; };
+  auto pmod = [&](int t) -> int { return page_shift >= 0 ? t & (page_size - 1) : t % page_size; };
+
+  // Paged: the block-table entries of the tile starting at n0 go to page-id buffer buf by cp.async
+  // one tile ahead, so no global load sits on the critical path of a tile load.
+  auto prefetch_pages = [&](int n0, int buf) {
+    const int p0 = pdiv(n0);
+    const int cnt = pdiv((n0 + BN < lk ? n0 + BN : lk) - 1) - p0 + 1;
+    for (int i = tid; i < cnt; i += NT) pf_cp_async4(sPg + (buf * (BN + 4) + i) * 4, bt + p0 + i);
+  };
+  // Physical row of key t (n0 <= t < min(n0 + BN, lk)) of this lane, or -1 behind an invalid page id.
+  auto phys_row = [&](int t, int n0, int buf) -> long long {
+    if (!PAGED) return (long long)t;
+    const int pid = (int)pf_ld_shared4(sPg + (buf * (BN + 4) + pdiv(t) - pdiv(n0)) * 4);
     if (pid < 0 || pid >= n_pages) return -1;
-    return (long long)pid * page_size + t % page_size;
+    return (long long)pid * page_size + pmod(t);
   };
   // Row index into external per-row qparams ([B, KV_PAD, N_KVH] or [1, P*S, N_KVH], contiguous).
-  auto qp_row = [&](long long pr) -> long long {
-    return LAYOUT == PF_LINEAR ? (long long)b * kv_pad + pr : pr;
-  };
+  auto qp_row = [&](long long pr) -> long long { return PAGED ? pr : (long long)b * kv_pad + pr; };
 
-  // Load (or decode) key tile starting at n0 into smem tile dst. Returns true if a key < lk of the
-  // tile sits behind an invalid page (paged; K only writes the validity bytes).
-  // Thread tid copies chunk lc of rows lr + i*RSTEP of every tile (RSTEP = NT / CH rows per pass).
+  // Thread tid handles chunk lc of rows lr + i*RSTEP of every tile (RSTEP = NT / CH rows per pass).
   constexpr int RSTEP = NT / CH;
   const int lr = tid / CH, lc = tid % CH;
   auto sw_dst = [&](u32 tile, int i) -> u32 {
@@ -341,12 +375,12 @@ prefill_attention_fwd(const u16* __restrict__ q, long long q_st, long long q_sh,
     return tile + (r * D + ((lc ^ (r & 7)) << 3)) * 2;
   };
 
-  // Load (bf16: cp.async) or decode (quantized: synchronous) the key tile starting at n0 into smem
-  // tile dst; keys >= lk and keys behind an invalid page become zeros. Returns true if a key < lk of
-  // the tile sits behind an invalid page (paged); K loads also write the per-key validity bytes.
-  auto load_kv = [&](const CT* base, long long st, u32 dst, int n0, bool is_k) -> bool {
+  // bf16: cp.async the key tile starting at n0 into smem tile dst; keys >= lk and keys behind an
+  // invalid page become zeros. Returns true if a key < lk sits behind an invalid page (paged); K
+  // loads also write the per-key validity bytes.
+  auto load_kv = [&](const CT* base, long long st, u32 dst, int n0, bool is_k, int buf) -> bool {
     bool bad = false;
-    if (LAYOUT == PF_LINEAR && FMT == PF_FMT_BF16) {
+    if (!PAGED) {
       const int rem = lk - n0 - lr;                // row i is a key < lk iff i * RSTEP < rem
       const CT* p = base + (long long)(n0 + lr) * st + lc * 8;
       const long long step = (long long)RSTEP * st;
@@ -364,36 +398,62 @@ prefill_attention_fwd(const u16* __restrict__ q, long long q_st, long long q_sh,
       const int t = n0 + r;
       long long pr = -1;
       if (t < lk) {
-        pr = phys_row(t);
+        pr = phys_row(t, n0, buf);
         if (pr < 0) bad = true;
       }
-      if (LAYOUT == PF_PAGED && is_k && lc == 0) pf_st_shared_u8(sF + r, pr >= 0 ? 1u : 0u);
-      const u32 d = sw_dst(dst, i);
-      if (FMT == PF_FMT_BF16) {
-        const CT* src = pr >= 0 ? base + pr * st + lc * 8 : base;
-        pf_cp_async16(d, src, pr >= 0 ? 16u : 0u);
-      } else {
-        u32 o[4] = {0u, 0u, 0u, 0u};
-        if (pr >= 0) {
-          const u8* row = reinterpret_cast<const u8*>(base + pr * st);
-          u32 w = 0;
-          float s = 0.0f;
-          if (FMT == PF_FMT_FP8) {
-            const int* qp = is_k ? a.qp_k : a.qp_v;
-            w = qp ? (u32)qp[qp_row(pr) * n_kvh + kvh] : *reinterpret_cast<const u32*>(row);
-          } else if (FMT == PF_FMT_FP8_HEAD) {
-            const int* qp = is_k ? a.qp_k : a.qp_v;
-            s = __int_as_float(qp[(long long)b * n_kvh + kvh]);
-          }
-          pf_decode_chunk<FMT>(row + (FMT == PF_FMT_FP8 ? qp_off : 0), lc, w, s, D, n_groups, o);
-        }
-        pf_st_shared16(d, o[0], o[1], o[2], o[3]);
-      }
+      if (is_k && lc == 0) pf_st_shared_u8(sF + r, pr >= 0 ? 1u : 0u);
+      const CT* src = pr >= 0 ? base + pr * st + lc * 8 : base;
+      pf_cp_async16(sw_dst(dst, i), src, pr >= 0 ? 16u : 0u);
     }
     return bad;
   };
 
-  // ---- prologue: Q tile, last K tile
+  // Quantized: cp.async the raw rows (4-byte words, one warp per row) and external fp8 words of the
+  // tile starting at n0 into staging; rows past lk or behind an invalid page are skipped.
+  auto load_raw = [&](const CT* base, long long st, u32 rbuf, u32 wbuf, const int* qpw, int n0, int buf) {
+    for (int r = warp; r < BN; r += NW) {
+      const int t = n0 + r;
+      if (t >= lk) break;
+      const long long pr = phys_row(t, n0, buf);
+      if (pr < 0) continue;
+      const u8* src = reinterpret_cast<const u8*>(base + pr * st);
+      for (int w = lane; w < rw; w += 32) pf_cp_async4(rbuf + r * rsp + w * 4, src + w * 4);
+      if (qpw && lane == 0) pf_cp_async4(wbuf + r * 4, qpw + qp_row(pr) * n_kvh + kvh);
+    }
+  };
+  // Quantized: decode the staged rows into the bf16 tile dst (exact SPEC §2.3-§2.5 values; zeros for
+  // rows past lk or behind an invalid page). K also writes the validity bytes; returns "bad" as
+  // load_kv does.
+  auto decode = [&](u32 rbuf, u32 wbuf, float sc, u32 dst, int n0, bool is_k, int buf) -> bool {
+    bool bad = false;
+#pragma unroll
+    for (int i = 0; i < BN / RSTEP; ++i) {
+      const int r = lr + i * RSTEP;
+      const int t = n0 + r;
+      long long pr = -1;
+      if (t < lk) {
+        pr = phys_row(t, n0, buf);
+        if (pr < 0) bad = true;
+      }
+      if (PAGED && is_k && lc == 0) pf_st_shared_u8(sF + r, pr >= 0 ? 1u : 0u);
+      u32 o[4] = {0u, 0u, 0u, 0u};
+      if (pr >= 0) {
+        const u32 row = rbuf + r * rsp;
+        if (FMT == PF_FMT_INT4) {
+          const u32 wg = pf_ld_shared4(row + 4 * ((8 * lc) / (D / n_groups)));
+          pf_decode8<FMT>(pf_ld_shared4(row + 4 * n_groups + 4 * lc), 0u, wg, 0.0f, o);
+        } else {
+          const u32 w = FMT == PF_FMT_FP8 ? pf_ld_shared4(qp_off ? row : wbuf + r * 4) : 0u;
+          const u32 c0 = pf_ld_shared4(row + qp_off + 8 * lc), c1 = pf_ld_shared4(row + qp_off + 8 * lc + 4);
+          pf_decode8<FMT>(c0, c1, w, sc, o);
+        }
+      }
+      pf_st_shared16(sw_dst(dst, i), o[0], o[1], o[2], o[3]);
+    }
+    return bad;
+  };
+
+  // ---- prologue: Q tile (+ the last tile's page ids), then the last K tile
   {
     const int rem = lq - m0 - lr;
     const u16* p = a.q + ((long long)qs + m0 + lr) * a.q_st + (long long)h * a.q_sh + lc * 8;
@@ -405,9 +465,17 @@ prefill_attention_fwd(const u16* __restrict__ q, long long q_st, long long q_sh,
       p += step;
     }
   }
+  if (PAGED && n_tiles > 0) prefetch_pages((n_tiles - 1) * BN, (n_tiles - 1) & 1);
   pf_cp_async_commit();
+  if (PAGED) {
+    pf_cp_async_wait<0>();
+    __syncthreads();
+  }
   bool k_bad = false;
-  if (n_tiles > 0) k_bad = load_kv(kbase, a.k_st, sK, (n_tiles - 1) * BN, true);
+  if (n_tiles > 0) {
+    if (QUANT) load_raw(kbase, a.k_st, rK, sWk, qpw_k, (n_tiles - 1) * BN, (n_tiles - 1) & 1);
+    else k_bad = load_kv(kbase, a.k_st, sK, (n_tiles - 1) * BN, true, (n_tiles - 1) & 1);
+  }
   pf_cp_async_commit();
 
   const int wrow = warp * 16 * MT;        // first row of this warp inside the block
@@ -454,11 +522,19 @@ prefill_attention_fwd(const u16* __restrict__ q, long long q_st, long long q_sh,
   }
 
   for (int j = n_tiles - 1; j >= 0; --j) {
-    const int n0 = j * BN;
+    const int n0 = j * BN, buf = j & 1;
     pf_cp_async_wait<0>();
-    const bool any_bad = LAYOUT == PF_PAGED ? (__syncthreads_or(k_bad ? 1 : 0) != 0)
-                                            : (__syncthreads(), false);
-    load_kv(vbase, a.v_st, sV, n0, false);
+    bool any_bad;
+    if (QUANT) {
+      __syncthreads();
+      const bool bad = decode(rK, sWk, s_k, sK, n0, true, buf);
+      any_bad = __syncthreads_or(bad ? 1 : 0) != 0;
+    } else {
+      any_bad = PAGED ? (__syncthreads_or(k_bad ? 1 : 0) != 0) : (__syncthreads(), false);
+    }
+    if (QUANT) load_raw(vbase, a.v_st, rV, sWv, qpw_v, n0, buf);
+    else load_kv(vbase, a.v_st, sV, n0, false, buf);
+    if (PAGED && j > 0) prefetch_pages(n0 - BN, buf ^ 1);
     pf_cp_async_commit();
 
     // ---- S = Q K^T
@@ -506,15 +582,22 @@ prefill_attention_fwd(const u16* __restrict__ q, long long q_st, long long q_sh,
             const int row = m0 + wrow + mt * 16 + g + ((e >> 1) << 3);
             const int key = n0 + nb * 8 + 2 * tig + (e & 1);
             bool vis = key < lk && (!causal || key <= row + shift);
-            if (LAYOUT == PF_PAGED && any_bad && vis) vis = pf_ld_shared_u8(sF + (key - n0)) != 0;
+            if (PAGED && any_bad && vis) vis = pf_ld_shared_u8(sF + (key - n0)) != 0;
             if (!vis) s[mt][nb][e] = PF_NEG_INF;
           }
     }
 
     pf_cp_async_wait<0>();
     __syncthreads();
-    if (j > 0) k_bad = load_kv(kbase, a.k_st, sK, n0 - BN, true);
+    if (j > 0) {
+      if (QUANT) load_raw(kbase, a.k_st, rK, sWk, qpw_k, n0 - BN, buf ^ 1);
+      else k_bad = load_kv(kbase, a.k_st, sK, n0 - BN, true, buf ^ 1);
+    }
     pf_cp_async_commit();
+    if (QUANT) {
+      decode(rV, sWv, s_v, sV, n0, false, buf);
+      __syncthreads();
+    }
 
     // ---- online softmax (rows g and g + 8 of every m16 tile; a row lives in one quad)
 #pragma unroll
