@@ -22,6 +22,7 @@ _KIND = {"bf16": 0, "fp8": 1, "fp8_head": 1, "int4": 2}
 _STAGES = {0: 3, 1: 4, 2: 4}          # Geo<KIND, D>::STAGES in the .cu
 _SMEM_TARGET = 112 * 1024             # per CTA: two CTAs fit one H100 SM
 _MAX_AUTO_SPLITS = 128
+_TUNE: dict = {}                      # benchmark-only overrides: "nw", "smem_target"
 
 _FAMILY = _compile.Family("decode_attention.cu", [
     *(_compile.expression("decode_attn", k, d, nt) for k in (0, 1, 2) for d in HEAD_DIMS for nt in (1, 2)),
@@ -164,15 +165,19 @@ def auto_splits(base_ctas: int, capacity: int, n_sm: int, ctas_per_sm: int) -> i
 
 
 def _layout(kind: str, fmt_g: int, D: int, R_bytes: int, external: bool):
-    """Shared-memory row slots: (pad, po, sK, sV, stage_bytes, warp_bytes, STAGES)."""
+    """Shared-memory row slots: (pad, hdr, sK, sV, stage_bytes, warp_bytes, STAGES).
+
+    ``hdr``: qparam bytes at the row front; ``pad``: where the generic copy puts a row in its slot
+    (payload 16-aligned). The fast copy puts a row at its address mod 16 (<= 12), so a slot holds
+    ``R + 15`` bytes rounded up, plus 16 bytes of bank skew.
+    """
     hdr = {"bf16": 0, "fp8": 0 if external else 4, "fp8_head": 0, "int4": 4 * fmt_g}[kind]
     pad = (-hdr) % 16
-    po = pad + hdr
-    slot = -(-(pad + R_bytes) // 16) * 16 + 16
+    slot = -(-(max(pad, 12) + R_bytes) // 16) * 16 + 16
     stages = _STAGES[_KIND[kind]]
     stage_bytes = 32 * slot + 128
     warp_bytes = -(-(stages * stage_bytes + 256 + 16) // 16) * 16
-    return pad, po, slot, slot, stage_bytes, warp_bytes, stages
+    return pad, hdr, slot, slot, stage_bytes, warp_bytes, stages
 
 
 def _smem(D: int, nw: int, warp_bytes: int) -> int:
@@ -197,7 +202,7 @@ class Config:
     num_splits: int
     n_hg: int
     pad: int
-    po: int
+    hdr: int
     sK: int
     sV: int
     stage_bytes: int
@@ -211,10 +216,11 @@ def config(p: Plan, num_splits: int | None = None) -> Config:
     r = p.n_heads // g.n_kv_heads if g.n_kv_heads else 1
     n_hg = max(1, -(-r // 16))
     item = 2 if g.kind == "bf16" else 1
-    pad, po, sK, sV, stage_bytes, warp_bytes, _ = _layout(g.kind, g.groups, p.D, g.R * item, g.external)
+    pad, hdr, sK, sV, stage_bytes, warp_bytes, _ = _layout(g.kind, g.groups, p.D, g.R * item, g.external)
     n_sm, smem_sm, smem_optin = _device_info(cp)
-    limit = min(_SMEM_TARGET, smem_optin)
+    limit = min(_TUNE.get("smem_target", _SMEM_TARGET), smem_optin)
     nw = next((w for w in (4, 2, 1) if _smem(p.D, w, warp_bytes) <= limit), 1)
+    nw = min(nw, _TUNE.get("nw", 4))
     smem = _smem(p.D, nw, warp_bytes)
     kernel = _FAMILY.kernel("decode_attn", _KIND[g.kind], p.D, 1 if r <= 8 else 2)
     S = num_splits if num_splits is not None else p.num_splits
@@ -223,7 +229,7 @@ def config(p: Plan, num_splits: int | None = None) -> Config:
         per_warp = -(-regs * 32 // 256) * 256
         occ = max(1, min(smem_sm // (smem + 1024), 65536 // (per_warp * nw), 32))
         S = auto_splits(p.B * g.n_kv_heads * n_hg, g.capacity, n_sm, occ)
-    return Config(kernel=kernel, nw=nw, smem=smem, num_splits=S, n_hg=n_hg, pad=pad, po=po, sK=sK, sV=sV,
+    return Config(kernel=kernel, nw=nw, smem=smem, num_splits=S, n_hg=n_hg, pad=pad, hdr=hdr, sK=sK, sV=sV,
                   stage_bytes=stage_bytes, warp_bytes=warp_bytes)
 
 
@@ -266,8 +272,12 @@ def run(p: Plan, *, partials: bool = False, dots: bool = False, num_splits: int 
     elif kind == "fp8_head":
         fp8_mode = 2
         qpk, qpv = cp.ascontiguousarray(p.qparam_k), cp.ascontiguousarray(p.qparam_v)
-    vals = [R_bytes, cfg.pad, cs1, cs2, ck.data.ptr, cv.data.ptr] + ([] if g.paged else [cs0])
-    copy_w = _pick_copy_width(vals)
+    outer = [cs1] + ([] if g.paged else [cs0])
+    pk, pv = ck.data.ptr, cv.data.ptr
+    copy_w = _pick_copy_width([R_bytes, cfg.pad, cs2, pk, pv] + outer)
+    # fast copy: every row of a head sits at the same address mod 16 (and bf16 rows are 16-aligned)
+    fast = (all(v % 16 == 0 for v in outer) and all(v % 4 == 0 for v in (R_bytes, cs2, pk, pv))
+            and (kind != "bf16" or all(v % 16 == 0 for v in (cs2, pk, pv))))
     use_parts = partials or S > 1
     pa = cp.empty((B, S, NH, D), np.float32) if use_parts else None
     pm = cp.empty((B, 2, S, NH), np.float32) if use_parts else None
@@ -280,7 +290,7 @@ def run(p: Plan, *, partials: bool = False, dots: bool = False, num_splits: int 
     args = (q, ck, cv, qpk, qpv, bt, i32(max_pages), i32(g.page_size), i32(g.n_pages), seq,
             i32(NH), i32(nkv), i32(g.capacity), i64(cs0), i64(cs1), i64(cs2), i64(ws[0]), i64(ws[1]),
             i64(ws[2]), i32(R_bytes), i32(fp8_mode), i32(gshift), f32(p.scale * math.log2(math.e)),
-            i32(S), i32(copy_w), i32(cfg.pad), i32(cfg.po), i32(cfg.sK), i32(cfg.sV),
+            i32(S), i32(copy_w), i32(fast), i32(cfg.pad), i32(cfg.hdr), i32(cfg.sK), i32(cfg.sV),
             i32(cfg.stage_bytes), i32(cfg.warp_bytes), out, lse, pa, pm, dt,
             i32(g.capacity if dots else 0))
     _compile.launch(cfg.kernel, (S, nkv * cfg.n_hg, B), (32 * cfg.nw,), args, shared_mem=cfg.smem)

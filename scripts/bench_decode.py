@@ -13,6 +13,8 @@ Standalone: ``python scripts/bench_decode.py`` (prints, writes nothing).
 """
 from __future__ import annotations
 
+import os
+
 import ml_dtypes
 import numpy as np
 
@@ -87,14 +89,34 @@ def bench_decode(ctx):
                                                               - ref_out.astype(np.float32)).max()), 4)
             ctx.record(f"decode_attention {fmt}", (B, T, N_H, N_KVH, D), ms, nbytes,
                        peer="SDPA bf16", peer_ms=sdpa, extra=extra)
+        if os.environ.get("CUKV_BENCH_SWEEP"):
+            _sweep(ctx, q, seq, caches, B, T)
         del caches, ck, cv
         cp.get_default_memory_pool().free_all_blocks()
         if ctx.torch is not None:
             ctx.torch.cuda.empty_cache()
 
 
+def _sweep(ctx, q, seq, caches, B, T):
+    """Tuning aid (CUKV_BENCH_SWEEP=1): time warps per CTA x split counts; printed only."""
+    for fmt in FORMATS:
+        ck, cv = caches[fmt]
+        p = ad.prepare("bench", q, ck, cv, seq, fmt=fmt, qparam_k=None, qparam_v=None, block_tables=None,
+                       page_size=64, softmax_scale=None, num_splits=None, validate=False,
+                       check_finite=False)
+        auto = ad.config(p).num_splits
+        row = []
+        for nw in (4, 2):
+            ad._TUNE.update(nw=nw, smem_target=200 * 1024)
+            for S in sorted({1, 2, auto, 2 * auto, max(1, auto // 2), 66, 132} if B < 64 else {1, 2, auto}):
+                ms = ctx.time(lambda: cukv.decode_attention(q, ck, cv, seq, fmt=fmt, num_splits=S,
+                                                            validate=False), batches=3)
+                row.append(f"nw{nw}/S{S}={ms:.4f}")
+            ad._TUNE.clear()
+        print(f"  sweep {fmt} B{B} T{T} (auto S={auto}): " + " ".join(row), flush=True)
+
+
 if __name__ == "__main__":
-    import os
     import sys
 
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))

@@ -51,14 +51,25 @@ __device__ __forceinline__ u32 smem_u32(const void* p) {
   return (u32)a;
 }
 
-// cp.async of W bytes; `n` = W copies, 0 zero-fills (nothing is read then).
+// cp.async of W bytes to shared address `dst`; `skip`: write zeros, read nothing (ignore-src).
 template <int W>
-__device__ __forceinline__ void cp_async(void* dst, const void* src, int n) {
+__device__ __forceinline__ void cp_async(u32 dst, const void* src, bool skip) {
+  const int z = skip;
   if (W == 16)
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(dst)), "l"(src), "r"(n));
+    asm volatile("{\n .reg .pred q;\n setp.ne.b32 q, %2, 0;\n cp.async.cg.shared.global [%0], [%1], 16, q;\n}\n"
+                 ::"r"(dst), "l"(src), "r"(z));
   else
-    asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;\n" ::"r"(smem_u32(dst)), "l"(src), "n"(W),
-                 "r"(n));
+    asm volatile("{\n .reg .pred q;\n setp.ne.b32 q, %2, 0;\n cp.async.ca.shared.global [%0], [%1], %3, q;\n}\n"
+                 ::"r"(dst), "l"(src), "r"(z), "n"(W));
+}
+
+// A piece of w bytes (16 or 4; anything else: none); predicated, no branch.
+__device__ __forceinline__ void cp_async_piece(u32 dst, const void* src, int w, bool skip) {
+  const int z = skip;
+  asm volatile("{\n .reg .pred p, q;\n setp.eq.s32 p, %2, 16;\n setp.ne.b32 q, %3, 0;\n"
+               " @p cp.async.cg.shared.global [%0], [%1], 16, q;\n}\n" ::"r"(dst), "l"(src), "r"(w), "r"(z));
+  asm volatile("{\n .reg .pred p, q;\n setp.eq.s32 p, %2, 4;\n setp.ne.b32 q, %3, 0;\n"
+               " @p cp.async.ca.shared.global [%0], [%1], 4, q;\n}\n" ::"r"(dst), "l"(src), "r"(w), "r"(z));
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N>
@@ -144,25 +155,31 @@ __device__ __forceinline__ void decode_chunk(const u32* raw, int ck, const RowQ&
   } else {
     const u32 qw = *reinterpret_cast<const u32*>(q.hdr + 4 * ((ck << 3) >> gshift));
     const u32 s2 = __byte_perm(qw, qw, 0x1010), z2 = __byte_perm(qw, qw, 0x3232);
+    // Word k holds nibbles (k, k+4) as fp16 1024 + q (k even) or 1024 + 16q (k odd); both give q
+    // exactly: (h - 1024) and (h/16 - 64). Then one fp16 fma: RN_f16(q*scale + shift).
+    const u32 r = raw[0], y = __byte_perm(r, 0u, 0x4341);    // y: bytes 1 and 3 of r in bytes 0, 2
+    const u32 h0 = (r & 0x000f000fu) | 0x64006400u, h1 = (r & 0x00f000f0u) | 0x64006400u;
+    const u32 h2 = (y & 0x000f000fu) | 0x64006400u, h3 = (y & 0x00f000f0u) | 0x64006400u;
+    const u32 qv[4] = {hsub2(h0, 0x64006400u), hfma2(h1, 0x2c002c00u, 0xd400d400u),
+                       hsub2(h2, 0x64006400u), hfma2(h3, 0x2c002c00u, 0xd400d400u)};
 #pragma unroll
     for (int k = 0; k < 4; ++k) {
-      u32 h = ((raw[0] >> (4 * k)) & 0x000f000fu) | 0x64006400u;   // (1024 + q_k, 1024 + q_{k+4})
-      h = hfma2(hsub2(h, 0x64006400u), s2, z2);
+      const u32 h = hfma2(qv[k], s2, z2);
       w[k] = pack_bf16x2(f16_to_f32((u16)(h & 0xffffu)), f16_to_f32((u16)(h >> 16)));
     }
   }
 }
 
-template <int NB>
+// NB raw bytes at p (shared memory) into words: one 16-byte load for bf16 rows (16-aligned), 4-byte
+// loads otherwise (quantized rows sit at any 4-byte offset of their slot, see the copy below).
+template <int KIND, int NB>
 __device__ __forceinline__ void lds(const u8* p, u32 (&r)[NB / 4]) {
-  if (NB == 16) {
+  if (KIND == KIND_BF16 && NB == 16) {
     const uint4 u = *reinterpret_cast<const uint4*>(p);
     r[0] = u.x; r[1] = u.y; r[2] = u.z; r[3] = u.w;
-  } else if (NB == 8) {
-    const uint2 u = *reinterpret_cast<const uint2*>(p);
-    r[0] = u.x; r[1] = u.y;
   } else {
-    r[0] = *reinterpret_cast<const u32*>(p);
+#pragma unroll
+    for (int k = 0; k < NB / 4; ++k) r[k] = reinterpret_cast<const u32*>(p)[k];
   }
 }
 
@@ -178,12 +195,13 @@ __global__ void __launch_bounds__(128) decode_attn(
     const void* __restrict__ qpk, const void* __restrict__ qpv, const int* __restrict__ block_tables,
     int max_pages, int page_size, int n_pages, const int* __restrict__ seqlens, int n_heads, int n_kv,
     int capacity, i64 cs0, i64 cs1, i64 cs2, i64 ws0, i64 ws1, i64 ws2, int R, int fp8_mode, int gshift,
-    float scale_log2, int num_splits, int copy_w, int pad, int po, int sK, int sV, int stage_bytes,
+    float scale_log2, int num_splits, int copy_w, int fast, int pad, int hdr, int sK, int sV, int stage_bytes,
     int warp_bytes, u16* __restrict__ out, float* __restrict__ lse, float* __restrict__ part_a,
     float* __restrict__ part_ml, float* __restrict__ dots, int dots_cap) {
   typedef Geo<KIND, D> G_;
   constexpr int KS = G_::KS, STAGES = G_::STAGES;
   extern __shared__ __align__(16) u8 smem[];
+  const u32 smem_s = smem_u32(smem);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
   const int g = lane >> 2, tid = lane & 3;
   const int split = blockIdx.x, b = blockIdx.z;
@@ -234,7 +252,34 @@ __global__ void __launch_bounds__(128) decode_attn(
   u32* masks = reinterpret_cast<u32*>(offs + 32);                      // [STAGES]
   const int nblk = (end - start + 15) >> 4;
   const int my_n = nblk > warp ? (nblk - warp + nw - 1) / nw : 0;
-  const int n_w = R / copy_w;                   // pieces per row
+  // Row placement in its slot: the generic copy puts a row at `pad` (payload 16-aligned); the fast copy
+  // puts it at its global address mod 16 (delta), so that 16-byte pieces line up on both sides.
+  int pad_k = pad, pad_v = pad;
+  int dk[4] = {0, 0, 0, 0}, dv[4] = {0, 0, 0, 0}, n_pl = 0;   // fast: pieces of this lane (off | w<<16)
+  if (fast) {
+    const int lip = lane & 7;
+#pragma unroll
+    for (int a = 0; a < 2; ++a) {
+      const int delta = (int)((reinterpret_cast<u64>(a ? cv : ck) + (u64)((i64)kvh * cs2)) & 15u);
+      // pieces: n_h 4-byte head pieces up to the first 16-byte boundary, n_m 16-byte pieces, n_t tail
+      const int n_h = min(((16 - delta) & 15) >> 2, R >> 2), hb = 4 * n_h;
+      const int n_m = (R - hb) >> 4, hm = hb + 16 * n_m;
+      const int n_p = n_h + n_m + ((R - hm) >> 2);
+      n_pl = max(n_pl, (n_p + 7) >> 3);
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const int pc = lip + 8 * j;
+        int d = 0;
+        if (pc < n_h) d = 4 * pc | (4 << 16);
+        else if (pc < n_h + n_m) d = (hb + 16 * (pc - n_h)) | (16 << 16);
+        else if (pc < n_p) d = (hm + 4 * (pc - n_h - n_m)) | (4 << 16);
+        if (a) dv[j] = d; else dk[j] = d;
+      }
+      if (a) pad_v = delta; else pad_k = delta;
+    }
+  }
+  const int po_k = pad_k + hdr, po_v = pad_v + hdr;
+  const int n_w = R / copy_w;                   // generic copy: pieces per row
   const int row_step = 32 / n_w, piece_step = 32 - row_step * n_w;
   const i64 lane_b = (i64)b;
 
@@ -267,27 +312,48 @@ __global__ void __launch_bounds__(128) decode_attn(
       if (lane == 0) masks[s] = m;
       __syncwarp();
       u8* st = wbase + s * stage_bytes;
-      // Row rr < 16: K row of key rr; rr >= 16: V row of key rr-16. Lane copies pieces lane, lane+32, ...
-      int rr = lane / n_w, pp = lane - rr * n_w;
-      for (int i = lane; i < 32 * n_w; i += 32) {
-        const int key = rr & 15;
-        const bool isv = rr >= 16;
-        const u8* src = (isv ? cv : ck) + offs[key] + pp * copy_w;
-        u8* dst = st + (isv ? 16 * sK + key * sV : key * sK) + pad + pp * copy_w;
-        const bool rv = (m >> key) & 1u;
-        if (copy_w == 16) cp_async<16>(dst, src, rv ? 16 : 0);
-        else if (copy_w == 8) cp_async<8>(dst, src, rv ? 8 : 0);
-        else if (copy_w == 4) cp_async<4>(dst, src, rv ? 4 : 0);
-        else *dst = rv ? *src : (u8)0;
-        rr += row_step;
-        pp += piece_step;
-        if (pp >= n_w) { pp -= n_w; ++rr; }
+      const u32 st_s = smem_s + (u32)(st - smem);   // the stage as a shared-window address
+      if (fast) {
+        // 8 lanes per row, 4 rows per step: rows (lane>>3) + 4i are K rows (i < 4) and V rows (i >= 4).
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+          const int key = (lane >> 3) + 4 * (i & 3);
+          const bool isv = i >= 4;
+          const bool skip = !((m >> key) & 1u);
+          const u8* src = (isv ? cv : ck) + offs[key];
+          const u32 dst = st_s + (isv ? 16 * sK + key * sV + pad_v : key * sK + pad_k);
+#pragma unroll
+          for (int j = 0; j < 4; ++j) {
+            if (j < n_pl) {   // warp-uniform
+              const int d = isv ? dv[j] : dk[j];
+              const int off = d & 0xffff;
+              cp_async_piece(dst + off, src + off, d >> 16, skip);
+            }
+          }
+        }
+      } else {
+        // Row rr < 16: K row of key rr; rr >= 16: V row of key rr-16. Lane copies pieces lane, lane+32..
+        int rr = lane / n_w, pp = lane - rr * n_w;
+        for (int i = lane; i < 32 * n_w; i += 32) {
+          const int key = rr & 15;
+          const bool isv = rr >= 16;
+          const u8* src = (isv ? cv : ck) + offs[key] + pp * copy_w;
+          const int doff = (isv ? 16 * sK + key * sV : key * sK) + pad + pp * copy_w;
+          const bool skip = !((m >> key) & 1u);
+          if (copy_w == 16) cp_async<16>(st_s + doff, src, skip);
+          else if (copy_w == 8) cp_async<8>(st_s + doff, src, skip);
+          else if (copy_w == 4) cp_async<4>(st_s + doff, src, skip);
+          else st[doff] = skip ? (u8)0 : *src;
+          rr += row_step;
+          pp += piece_step;
+          if (pp >= n_w) { pp -= n_w; ++rr; }
+        }
       }
       if (KIND == KIND_FP8 && fp8_mode == 1) {
         const int key = lane & 15;
-        const bool rv = (m >> key) & 1u;
+        const bool skip = !((m >> key) & 1u);
         const int* wsrc = reinterpret_cast<const int*>(lane >= 16 ? qpv : qpk) + offs[16 + key];
-        cp_async<4>(st + 16 * (sK + sV) + 4 * lane, wsrc, rv ? 4 : 0);
+        cp_async<4>(st_s + 16 * (sK + sV) + 4 * lane, wsrc, skip);
       }
     }
     cp_async_commit();
@@ -322,13 +388,14 @@ __global__ void __launch_bounds__(128) decode_attn(
 
     auto row_q = [&](const u8* row, int key, bool isv) {
       RowQ rq;
-      rq.s = 0.0f; rq.z = 0.0f; rq.hdr = row + pad;
+      const u8* h = row + (isv ? pad_v : pad_k);   // the row's first byte (its qparam words)
+      rq.s = 0.0f; rq.z = 0.0f; rq.hdr = h;
       if (KIND == KIND_FP8) {
         if (fp8_mode == 2) {
           rq.s = isv ? hs_v : hs_k;
           rq.z = -0.0f;
         } else {
-          const u32 wd = fp8_mode == 1 ? stW[(isv ? 16 : 0) + key] : *reinterpret_cast<const u32*>(row + pad);
+          const u32 wd = fp8_mode == 1 ? stW[(isv ? 16 : 0) + key] : *reinterpret_cast<const u32*>(h);
           rq.s = f16_to_f32((u16)(wd & 0xffffu));
           rq.z = f16_to_f32((u16)(wd >> 16));
         }
@@ -349,8 +416,8 @@ __global__ void __launch_bounds__(128) decode_attn(
 #pragma unroll
       for (int u = 0; u < G_::KU; ++u) {
         u32 raw0[G_::UB / 4], raw1[G_::UB / 4];
-        lds<G_::UB>(kr0 + po + (u * 4 + tid) * G_::UB, raw0);
-        lds<G_::UB>(kr1 + po + (u * 4 + tid) * G_::UB, raw1);
+        lds<KIND, G_::UB>(kr0 + po_k + (u * 4 + tid) * G_::UB, raw0);
+        lds<KIND, G_::UB>(kr1 + po_k + (u * 4 + tid) * G_::UB, raw1);
 #pragma unroll
         for (int c = 0; c < G_::CPU; ++c) {
           const int lc = u * G_::CPU + c;
@@ -401,14 +468,16 @@ __global__ void __launch_bounds__(128) decode_attn(
       }
       l_run[hh] = l_run[hh] * alpha + ((p[0][c0] + p[0][c0 + 1]) + (p[1][c0] + p[1][c0 + 1]));
       // O^T columns of this head tile are heads 8*hh + 2*tid and + 1: fetch their alphas.
-      const float a_lo = __shfl_sync(CUKV_FULL_MASK, alpha, (2 * tid) << 2);
-      const float a_hi = __shfl_sync(CUKV_FULL_MASK, alpha, (2 * tid + 1) << 2);
+      if (__any_sync(CUKV_FULL_MASK, alpha != 1.0f)) {   // the running max moved for some head
+        const float a_lo = __shfl_sync(CUKV_FULL_MASK, alpha, (2 * tid) << 2);
+        const float a_hi = __shfl_sync(CUKV_FULL_MASK, alpha, (2 * tid + 1) << 2);
 #pragma unroll
-      for (int mt = 0; mt < KS; ++mt) {
-        o[hh][mt][0] *= a_lo;
-        o[hh][mt][1] *= a_hi;
-        o[hh][mt][2] *= a_lo;
-        o[hh][mt][3] *= a_hi;
+        for (int mt = 0; mt < KS; ++mt) {
+          o[hh][mt][0] *= a_lo;
+          o[hh][mt][1] *= a_hi;
+          o[hh][mt][2] *= a_lo;
+          o[hh][mt][3] *= a_hi;
+        }
       }
       pb[hh][0] = pack_bf16x2(p[0][c0], p[0][c0 + 1]);   // keys 2t, 2t+1 of head row
       pb[hh][1] = pack_bf16x2(p[1][c0], p[1][c0 + 1]);   // keys 8+2t, 8+2t+1
@@ -432,11 +501,11 @@ __global__ void __launch_bounds__(128) decode_attn(
         for (int k = 0; k < 4; ++k) {
           u32 raw[G_::CB / 4];
           const int cva = g + 8 * cA;
-          lds<G_::CB>(vr[k] + po + cva * G_::CB, raw);
+          lds<KIND, G_::CB>(vr[k] + po_v + cva * G_::CB, raw);
           decode_chunk<KIND, D>(raw, cva, vq[k], gshift, VA[k]);
           if (D != 64) {
             const int cvb = g + 8 * cB;
-            lds<G_::CB>(vr[k] + po + cvb * G_::CB, raw);
+            lds<KIND, G_::CB>(vr[k] + po_v + cvb * G_::CB, raw);
             decode_chunk<KIND, D>(raw, cvb, vq[k], gshift, VB[k]);
           }
         }
