@@ -26,11 +26,15 @@ HEAD_DIMS = (64, 128, 256)
 _FMT_G = [(0, 1), (1, 1), (2, 1), (3, 1), (3, 2), (3, 4), (3, 8)]
 _WRITE = _compile.Family("cache_write.cu", [
     _compile.expression("write_kv", f, g, D // 8) for f, g in _FMT_G for D in HEAD_DIMS])
-_BLOCK = 256
+_BLOCK = 256               # CW_BLOCK of cache_write.cu
 _TARGET_BLOCKS = 2048      # split a token's rows over blocks until about this many blocks run
+_STAGES = 3                # tokens in flight per thread in the cp.async ring
+_RING_MAX = 96 * 1024      # bytes of dynamic shared memory the ring may take per block
+_ASYNC_OK = True
 
 # kernel flags (cache_write.cu)
-_INTERLEAVED, _QK_NORM, _Q_BACK, _K_BACK, _VEC_IN, _VEC_CACHE, _ALL_PRE = 1, 2, 4, 8, 16, 32, 64
+_INTERLEAVED, _QK_NORM, _Q_BACK, _K_BACK, _VEC_IN, _VEC_CACHE, _ALL_PRE, _ASYNC = 1, 2, 4, 8, 16, 32, 64, 128
+_SMS: dict = {}
 
 _TABLES: dict = {}
 _TABLES_LOCK = threading.Lock()
@@ -49,6 +53,42 @@ def _device_tables(pos_enc, D: int, host):
                 t = tuple(None if a is None else cp.asarray(a) for a in host)
                 _TABLES[key] = t
     return t
+
+
+def _sm_count() -> int:
+    cp = _backend.cupy()
+    dev = cp.cuda.Device().id
+    n = _SMS.get(dev)
+    if n is None:
+        n = _SMS[dev] = int(cp.cuda.runtime.getDeviceProperties(dev)["multiProcessorCount"])
+    return n
+
+
+def _resident_blocks(kernel, smem_dyn: int) -> int:
+    """Blocks of ``_BLOCK`` threads one SM holds at once (registers, shared memory, threads)."""
+    regs = max(1, int(getattr(kernel, "num_regs", 64) or 64))
+    per_warp = -(-regs * 32 // 256) * 256
+    by_regs = 65536 // (per_warp * (_BLOCK // 32))
+    by_smem = (227 * 1024) // (_static_smem(kernel) + smem_dyn + 1024)
+    return max(1, min(2048 // _BLOCK, by_regs, by_smem))
+
+
+def _static_smem(kernel) -> int:
+    return int(getattr(kernel, "shared_size_bytes", 17 * 1024) or 0)
+
+
+_DYN_SET: dict = {}
+
+
+def _allow_dynamic_smem(kernel, nbytes: int) -> None:
+    """Opt the kernel in to ``nbytes`` of dynamic shared memory when static + dynamic pass 48 KiB."""
+    if _static_smem(kernel) + nbytes <= 48 * 1024:
+        return
+    key = id(kernel)
+    hit = _DYN_SET.get(key)
+    if hit is None or hit[0] is not kernel or hit[1] < nbytes:
+        kernel.max_dynamic_shared_size_bytes = int(nbytes)
+        _DYN_SET[key] = (kernel, int(nbytes))   # holds the kernel, so its id is never reused
 
 
 # --------------------------------------------------------------------------------------- checks
@@ -350,16 +390,30 @@ def _write(op, xq, xk, xv, cache_k, cache_v, lanes, pos, *, lane_arg, pos_arg, f
     teams = _BLOCK // W
     rows = n_h if q_only else n_h + 2 * n_kv
     split = max(1, min(-(-rows // teams), -(-_TARGET_BLOCKS // n)))
+    npf = -(-rows // (teams * split))          # rows per team
+    stages, smem = _STAGES, 0
+    if _ASYNC_OK and flags & _VEC_IN:
+        while stages > 2 and stages * npf * _BLOCK * 16 > _RING_MAX:
+            stages -= 1
+        if stages * npf * _BLOCK * 16 <= _RING_MAX:
+            flags |= _ASYNC
+            smem = stages * npf * _BLOCK * 16
     k = _WRITE.kernel("write_kv", fcode, G, W)
+    _allow_dynamic_smem(k, smem)
+    # one wave of resident blocks walks the tokens, in chunks of `ch` (position tables of a chunk fit
+    # the kernel's 2048-double table)
+    gx = max(1, min(n, _sm_count() * _resident_blocks(k, smem) // split))
+    ch = 32 if not mode else max(1, min(32, 2048 // ((D // 2) * (4 if mode == 2 else 2))))
     i32, i64, f32 = _compile.i32, _compile.i64, _compile.f32
-    _compile.launch(k, (n, split), (_BLOCK,), (
+    _compile.launch(k, (gx, split), (_BLOCK,), shared_mem=smem, args=(
         xq_r, *strides(xq_r), xk_r, *strides(xk_r), xv_r, *strides(xv_r), out,
         ck, cv, qk, qv, hk, hv, amax if kind == "fp8_head" else None,
         lanes, pos, cache_pos, bt, scale_precomputed,
         vt_ptr, i32(vt_kind), i64(vt_host),
         d_freqs, d_zeta, np.float64(xoff), np.float64(xbase),
-        i32(n_h), i32(n_kv), i32(-1 if B is None else B), i32(cap), i32(max_pages), i32(S),
-        i32(n_pages), i64(row_bytes), i32(hh), f32(qk_norm_eps), i32(mode), i32(flags)))
+        i32(n), i32(n_h), i32(n_kv), i32(-1 if B is None else B), i32(cap), i32(max_pages), i32(S),
+        i32(n_pages), i64(row_bytes), i32(hh), f32(qk_norm_eps), i32(mode), i32(flags), i32(npf),
+        i32(stages), i32(ch)))
     if xq_r is not xq and write_q_back:  # unreachable: write-back needs a unit last stride
         raise RuntimeError("cukv internal error: write-back into a copy")
     return out

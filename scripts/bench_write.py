@@ -9,9 +9,12 @@ a contiguous cache. Decode: 32768 lanes, one row each at a random position < 102
 Minimal bytes: Q, K, V read once + ``xq_out`` and the K/V cache rows written once (indices are not
 counted). The peers do the same math in torch: float64 angle, cos/sin and rotation, fp32 ``y``,
 qk_norm, the fp8 / int4 row encoders of ``bench_codec`` and an index_put into the cache;
-``torch.compile`` is the peer, torch eager goes to ``extra``.
+``torch.compile`` is the peer, torch eager goes to ``extra``. ``CUKV_BENCH_WRITE_PEERS=0`` skips the
+peers (their compiles take minutes).
 """
 from __future__ import annotations
+
+import os
 
 import ml_dtypes
 import numpy as np
@@ -100,7 +103,7 @@ def bench_write(ctx):
                 call()
                 ms = ctx.time(call)
                 extra = {}
-                if ctx.torch is not None:
+                if ctx.torch is not None and os.environ.get("CUKV_BENCH_WRITE_PEERS", "1") != "0":
                     t = ctx.to_torch
                     tck, tcv = t(ck).view(-1, N_KV, ck.shape[-1]), t(cv).view(-1, N_KV, cv.shape[-1])
                     freqs = ctx.torch.from_numpy(cukv.rope_frequencies(D, POS_ENC.theta, POS_ENC.scaling)).cuda()

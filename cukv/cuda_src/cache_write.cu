@@ -1,11 +1,12 @@
 // cukv/cuda_src/cache_write.cu: fused KV-cache writes, cukv.write_kv_prefill / write_kv_decode (SPEC §4, §5).
 //
-// write_kv<FMT, G, W>: one block per token (blockIdx.x) and a slice of its rows (blockIdx.y); the
-// rows of token i are its Q heads, then its K heads, then its V heads (the amax column order), each
-// handled by a team of W = D/8 lanes holding 8 consecutive elements (common.cuh, V = 1). Per row:
+// write_kv<FMT, G, W>: blocks walk the tokens (token i, i + gridDim.x, ...; the host sizes the grid to
+// one wave of resident blocks) and blockIdx.y selects a slice of each token's rows. The rows of token i
+// are its Q heads, then its K heads, then its V heads (the amax column order), each handled by a team
+// of W = D/8 lanes holding 8 consecutive elements (common.cuh, V = 1). Per row:
 //   Q/K: bf16 -> fp32, position encoding in float64 (RoPE / xPos, one rounding per operation, then
-//        RN_f32), qk_norm in fp32 (team sum), then
-//        Q: xq_out = RN_bf16(y) (+ write-back into xq), fp8_head: amax[b, h] |= max|y|;
+//        RN_f32), qk_norm (sum of squares in float64, as the reference; the rest in fp32), then
+//        Q: xq_out = RN_bf16(y) (+ write-back into xq), fp8_head: amax[b, h] = max(., max|y|);
 //        K: write-back into xk, then encode like V;
 //   V:   y = f32(x); encode y into the cache row (b, c, h) with rows.cuh (FMT: bf16 / fp8 inline or
 //        external word / fp8_head with scale qparam[b, h] / int4:gG). fp8_head rows whose lane has no
@@ -13,12 +14,18 @@
 // A skipped token (i >= valid_tokens, position -1, cache slot -1, or any index out of range) writes
 // zeros into its xq_out rows and nothing else.
 //
-// The float64 cos/sin (and xPos zeta^e) of the token's position are computed once per (token, pair)
-// into shared memory by the block, while the rows' first loads are in flight; every row of the token
-// reuses them. The frequency and zeta tables come from the host (cukv/rope.py). Caches are addressed
-// with 64-bit offsets: contiguous row (b*capacity + c)*N_KVH + h, paged (page_id*S + c%S)*N_KVH + h.
-// Inputs are rows with unit element stride at arbitrary (token, head) strides; `flags` says whether
-// 16-byte accesses are allowed for them (CW_VEC_IN) and 4/16-byte ones for the cache (CW_VEC_CACHE).
+// Schedule: one wave of resident blocks; block x takes tokens x, x + gridDim.x, ... in chunks of `ch`.
+// Per chunk, threads 0..ch-1 resolve the chunk's tokens (lane, slot, page, skip) into shared memory and
+// the block computes their float64 cos/sin (and xPos zeta^e), once per (token, pair); then the block
+// runs through the chunk's tokens with no barrier. Each thread streams its own 16-byte chunks of the
+// coming tokens' rows into a private shared-memory ring with cp.async (`stages` tokens deep, `npf`
+// rows per team; a thread reads only what it copied, so the ring needs no barrier). Without 16-byte
+// alignment (or when the ring does not fit) rows are loaded directly instead. The frequency / zeta
+// tables come from the host (cukv/rope.py).
+// Caches are addressed with 64-bit offsets: contiguous row (b*capacity + c)*N_KVH + h, paged
+// (page_id*S + c%S)*N_KVH + h. Inputs are rows with unit element stride at arbitrary (token, head)
+// strides; `flags` says whether 16-byte accesses are allowed for them (CW_VEC_IN) and 4/16-byte ones
+// for the cache (CW_VEC_CACHE).
 #include "rows.cuh"
 
 #define CW_INTERLEAVED 1
@@ -28,10 +35,17 @@
 #define CW_VEC_IN 16
 #define CW_VEC_CACHE 32
 #define CW_ALL_PRE 64
+#define CW_ASYNC 128        // rows come through the cp.async ring (16-byte aligned inputs)
 
-#define CW_BLOCK 256
-#define CW_NPF 4            // rows a lane loads ahead
+#ifndef CW_BLOCK
+#define CW_BLOCK 256        // threads per block (cukv/cache_write.py launches with the same)
+#endif
+#ifndef CW_MINB
+#define CW_MINB 4           // __launch_bounds__ min blocks per SM (caps registers at 64)
+#endif
 #define CW_MAX_HALF 128     // D/2 for D = 256
+#define CW_TAB 2048         // doubles of position tables per block (16 KiB): ch * D/2 * (2 or 4)
+#define CW_CH_MAX 32        // tokens per chunk
 
 // Every lane of the team ends with the integer max.
 template <int W> __device__ __forceinline__ int team_max_int(int v) {
@@ -50,6 +64,21 @@ __device__ __forceinline__ uint4 load_raw8(const u16* p, bool vec) {
   u.z = (u32)p[4] | ((u32)p[5] << 16);
   u.w = (u32)p[6] | ((u32)p[7] << 16);
   return u;
+}
+
+// 16 bytes global -> shared without registers (sm_80+); complete after cp_async_wait.
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
+  u32 a;
+  asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(a), "l"(gmem) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+// Wait until at most n (0..3) of this thread's most recent groups are pending.
+__device__ __forceinline__ void cp_async_wait(int n) {
+  if (n <= 0) asm volatile("cp.async.wait_group 0;\n" ::: "memory");
+  else if (n == 1) asm volatile("cp.async.wait_group 1;\n" ::: "memory");
+  else if (n == 2) asm volatile("cp.async.wait_group 2;\n" ::: "memory");
+  else asm volatile("cp.async.wait_group 3;\n" ::: "memory");
 }
 
 __device__ __forceinline__ void unpack_bf16x8(const uint4& u, float (&f)[8]) {
@@ -105,14 +134,24 @@ __device__ __forceinline__ void rotate8(float (&y)[8], int e0, bool interleaved,
   }
 }
 
-// qk_norm (SPEC §4.5): ms = RN(sum y^2 / D) (fp32 team sum), r = RN(1 / RN(sqrt(RN(ms + eps)))).
+// Sum over the team in float64; every lane ends with the same value.
+template <int W> __device__ __forceinline__ double team_sum_f64(double v) {
+  const u32 m = team_mask<W>();
+#pragma unroll
+  for (int o = W / 2; o > 0; o >>= 1) v = __dadd_rn(v, __shfl_xor_sync(m, v, o));
+  return v;
+}
+
+// qk_norm (SPEC §4.5): ms = RN_f32(sum y^2 / D), r = RN(1 / RN(sqrt(RN(ms + eps)))). The squares
+// (exact in float64) are summed in float64 like the reference, so ms is almost always the same fp32
+// value as the reference's (the spec allows any fp32 summation; this one keeps code flips rare).
 template <int W>
 __device__ __forceinline__ void qk_norm8(float (&y)[8], float eps) {
-  float ss = 0.0f;
+  double ss = 0.0;
 #pragma unroll
-  for (int k = 0; k < 8; ++k) ss = __fadd_rn(ss, __fmul_rn(y[k], y[k]));
-  ss = team_sum<W>(ss);
-  const float ms = __fdiv_rn(ss, (float)(8 * W));
+  for (int k = 0; k < 8; ++k) ss = __dadd_rn(ss, __dmul_rn((double)y[k], (double)y[k]));
+  ss = team_sum_f64<W>(ss);
+  const float ms = __double2float_rn(__dmul_rn(ss, 1.0 / (8 * W)));   // D is a power of two: exact
   const float r = __frcp_rn(__fsqrt_rn(__fadd_rn(ms, eps)));
 #pragma unroll
   for (int k = 0; k < 8; ++k) y[k] = __fmul_rn(y[k], r);
@@ -129,8 +168,40 @@ __device__ __forceinline__ void amax_row(int* a, const float (&y)[8], int lane) 
   if (lane == 0) atomicMax(a, v);
 }
 
+// Where token i's rows go and whether it is kept (SPEC §5.2).
+struct CwToken {
+  i64 slot;     // physical cache row of (b, c) without the head: b*capacity + c, or page*S + c%S
+  int p;        // RoPE position
+  int b;        // lane
+  bool keep;
+};
+
+__device__ __forceinline__ CwToken cw_token(int i, i64 vt, const int* lanes, const int* pos,
+                                            const int* cpos, const int* btab, bool q_only, int B,
+                                            int capacity, int max_pages, int S, int n_pages) {
+  CwToken t;
+  t.p = pos[i];
+  const int c = cpos ? cpos[i] : t.p;
+  t.b = lanes ? lanes[i] : i;
+  t.slot = 0;
+  t.keep = (i64)i < vt && t.p >= 0 && c >= 0;
+  if (B >= 0) t.keep = t.keep && t.b >= 0 && t.b < B;
+  if (t.keep && !q_only) {
+    if (c >= capacity) {
+      t.keep = false;
+    } else if (btab) {
+      const int pid = btab[(i64)t.b * max_pages + c / S];
+      if (pid < 0 || pid >= n_pages) t.keep = false;
+      else t.slot = (i64)pid * S + c % S;
+    } else {
+      t.slot = (i64)t.b * capacity + c;
+    }
+  }
+  return t;
+}
+
 template <int FMT, int G, int W>
-__global__ void __launch_bounds__(CW_BLOCK) write_kv(
+__global__ void __launch_bounds__(CW_BLOCK, CW_MINB) write_kv(
     u16* __restrict__ xq, i64 xq_t, i64 xq_h,
     u16* __restrict__ xk, i64 xk_t, i64 xk_h,
     const u16* __restrict__ xv, i64 xv_t, i64 xv_h,
@@ -141,130 +212,136 @@ __global__ void __launch_bounds__(CW_BLOCK) write_kv(
     const int* __restrict__ btab, const u8* __restrict__ pre,
     const void* __restrict__ vt_ptr, int vt_kind, i64 vt_host,
     const double* __restrict__ freqs, const double* __restrict__ zeta, double xoff, double xbase,
-    int n_h, int n_kvh, int B, int capacity, int max_pages, int S, int n_pages, i64 row_bytes,
-    int amax_cols, float eps, int mode, int flags) {
+    int n_tok, int n_h, int n_kvh, int B, int capacity, int max_pages, int S, int n_pages, i64 row_bytes,
+    int amax_cols, float eps, int mode, int flags, int npf, int stages, int ch) {
   constexpr int D = 8 * W, H = D / 2;
-  __shared__ double s_cos[CW_MAX_HALF], s_sin[CW_MAX_HALF], s_zq[CW_MAX_HALF], s_zk[CW_MAX_HALF];
+  __shared__ double s_tab[CW_TAB];            // [ch][cos, sin, zq, zk][H]
+  __shared__ i64 s_slot[CW_CH_MAX];
+  __shared__ int s_b[CW_CH_MAX];
+  __shared__ int s_fl[CW_CH_MAX];             // bit 0: keep, bit 1: fp8_head K/V scales precomputed
+  extern __shared__ uint4 s_ring[];           // [stages][npf][blockDim.x] when CW_ASYNC
 
-  const int i = blockIdx.x;
+  const int gx = gridDim.x;
+  if ((int)blockIdx.x >= n_tok) return;
+  const int K = (n_tok - (int)blockIdx.x + gx - 1) / gx;   // this block's tokens
   const int team = threadIdx.x / W, lane = threadIdx.x % W;
   const int teams = blockDim.x / W;
   const int e0 = lane * 8;
   const bool q_only = xk == nullptr;
-  const bool vin = flags & CW_VEC_IN;
-
-  // ---- the token: kept or skipped (SPEC §5.2); block-uniform
-  i64 vt = vt_host;
-  if (vt_kind == 1) vt = *reinterpret_cast<const int*>(vt_ptr);
-  else if (vt_kind == 2) vt = *reinterpret_cast<const long long*>(vt_ptr);
-  const int p = pos[i];
-  const int c = cpos ? cpos[i] : p;
-  const int b = lanes ? lanes[i] : i;
-  bool keep = (i64)i < vt && p >= 0 && c >= 0;
-  if (B >= 0) keep = keep && b >= 0 && b < B;
-  i64 slot = 0;
-  if (keep && !q_only) {
-    if (c >= capacity) {
-      keep = false;
-    } else if (btab) {
-      const int pid = btab[(i64)b * max_pages + c / S];
-      if (pid < 0 || pid >= n_pages) keep = false;
-      else slot = (i64)pid * S + c % S;
-    } else {
-      slot = (i64)b * capacity + c;
-    }
-  }
-
+  const bool vin = flags & CW_VEC_IN, vcache = flags & CW_VEC_CACHE, async = flags & CW_ASYNC;
+  const bool inter = flags & CW_INTERLEAVED, norm = flags & CW_QK_NORM;
   const int rows = q_only ? n_h : n_h + 2 * n_kvh;
   const int r0 = blockIdx.y * teams + team;
   const int rstep = gridDim.y * teams;
-  if (!keep) {
-    const float zero[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-    for (int r = r0; r < n_h; r += rstep) store_bf16x8_rt(out + ((i64)i * n_h + r) * D + e0, zero, vin);
-    return;
-  }
+  const int nt = mode == 2 ? 4 : 2;           // tables per token
 
-  // ---- first loads in flight, then the position tables
-  auto row_ptr = [&](int r) -> const u16* {
-    if (r < n_h) return xq + (i64)i * xq_t + (i64)r * xq_h;
-    if (r < n_h + n_kvh) return xk + (i64)i * xk_t + (i64)(r - n_h) * xk_h;
-    return xv + (i64)i * xv_t + (i64)(r - n_h - n_kvh) * xv_h;
+  auto token = [&](int k) -> int { return (int)blockIdx.x + k * gx; };
+  auto row_ptr = [&](int tok, int r) -> const u16* {
+    if (r < n_h) return xq + (i64)tok * xq_t + (i64)r * xq_h;
+    if (r < n_h + n_kvh) return xk + (i64)tok * xk_t + (i64)(r - n_h) * xk_h;
+    return xv + (i64)tok * xv_t + (i64)(r - n_h - n_kvh) * xv_h;
   };
-  uint4 raw[CW_NPF];
-#pragma unroll
-  for (int k = 0; k < CW_NPF; ++k) {
-    const int r = r0 + k * rstep;
-    if (r < rows) raw[k] = load_raw8(row_ptr(r) + e0, vin);
-  }
-  if (mode) {
-    for (int pp = threadIdx.x; pp < H; pp += blockDim.x) {
-      const double a = __dmul_rn((double)p, freqs[pp]);
-      double sn, cs;
-      sincos(a, &sn, &cs);
-      s_cos[pp] = cs;
-      s_sin[pp] = sn;
-      if (mode == 2) {
-        const double e = __ddiv_rn(__dsub_rn((double)p, xoff), xbase);
-        s_zq[pp] = pow(zeta[pp], e);
-        s_zk[pp] = pow(zeta[pp], -e);   // (pos - off) / (-scale_base) == -e exactly
+  // Ring slot of the team's k-th row in stage st, for this thread.
+  auto slot_of = [&](int st, int k) -> uint4* { return s_ring + ((i64)st * npf + k) * blockDim.x + threadIdx.x; };
+  auto issue = [&](int k, int st) {
+    if (k < K) {
+      for (int j = 0; j < npf; ++j) {
+        const int r = r0 + j * rstep;
+        if (r < rows) cp_async16(slot_of(st, j), row_ptr(token(k), r) + e0);
+      }
+    }
+    cp_async_commit();
+  };
+
+  if (async)
+    for (int st = 0; st < stages - 1; ++st) issue(st, st);
+  i64 vt = vt_host;
+  if (vt_kind == 1) vt = *reinterpret_cast<const int*>(vt_ptr);
+  else if (vt_kind == 2) vt = *reinterpret_cast<const long long*>(vt_ptr);
+
+  for (int c0 = 0; c0 < K; c0 += ch) {
+    const int cn = min(ch, K - c0);
+    // ---- the chunk's tokens, then their position tables
+    if ((int)threadIdx.x < cn) {
+      const int i = token(c0 + threadIdx.x);
+      const CwToken t = cw_token(i, vt, lanes, pos, cpos, btab, q_only, B, capacity, max_pages, S, n_pages);
+      s_slot[threadIdx.x] = t.slot;
+      s_b[threadIdx.x] = t.b;
+      s_fl[threadIdx.x] = (t.keep ? 1 : 0) | ((flags & CW_ALL_PRE) || (pre && pre[i]) ? 2 : 0);
+    }
+    if (mode) {
+      for (int w = threadIdx.x; w < cn * H; w += blockDim.x) {
+        const int tt = w / H, pp = w - tt * H;
+        const int p = pos[token(c0 + tt)];
+        double* tab = s_tab + tt * nt * H;
+        const double a = __dmul_rn((double)p, freqs[pp]);
+        double sn, cs;
+        sincos(a, &sn, &cs);
+        tab[pp] = cs;
+        tab[H + pp] = sn;
+        if (mode == 2) {
+          const double e = __ddiv_rn(__dsub_rn((double)p, xoff), xbase);
+          tab[2 * H + pp] = pow(zeta[pp], e);
+          tab[3 * H + pp] = pow(zeta[pp], -e);   // (pos - off) / (-scale_base) == -e exactly
+        }
       }
     }
     __syncthreads();
-  }
-
-  const bool inter = flags & CW_INTERLEAVED, norm = flags & CW_QK_NORM;
-  const bool vcache = flags & CW_VEC_CACHE;
-  bool precomputed = true;
-  if (FMT == FMT_FP8_HEAD) precomputed = (flags & CW_ALL_PRE) || (pre && pre[i]);
-
-  for (int base = r0; base < rows; base += CW_NPF * rstep) {
-    if (base != r0) {
-#pragma unroll
-      for (int k = 0; k < CW_NPF; ++k) {
-        const int r = base + k * rstep;
-        if (r < rows) raw[k] = load_raw8(row_ptr(r) + e0, vin);
+    // ---- the chunk's tokens, one after the other
+    for (int tt = 0; tt < cn; ++tt) {
+      const int k = c0 + tt, i = token(k);
+      const int st = k % stages;
+      if (async) {
+        issue(k + stages - 1, (k + stages - 1) % stages);
+        cp_async_wait(stages - 1);
       }
-    }
-    // Not unrolled (one copy of the row code keeps compile time down); raw[k] is picked by selects
-    // so the prefetched rows stay in registers.
-#pragma unroll 1
-    for (int k = 0; k < CW_NPF; ++k) {
-      const int r = base + k * rstep;
-      if (r >= rows) break;
-      uint4 u = raw[0];
-#pragma unroll
-      for (int j = 1; j < CW_NPF; ++j)
-        if (k == j) u = raw[j];
-      float y[1][8];
-      unpack_bf16x8(u, y[0]);
-      const int kind = r < n_h ? 0 : (r < n_h + n_kvh ? 1 : 2);
-      if (kind != 2) {
-        if (mode) rotate8<W>(y[0], e0, inter, mode == 2, s_cos, s_sin, kind == 0 ? s_zq : s_zk);
-        if (norm) qk_norm8<W>(y[0], eps);
-      }
-      if (kind == 0) {
-        store_bf16x8_rt(out + ((i64)i * n_h + r) * D + e0, y[0], vin);
-        if (flags & CW_Q_BACK) store_bf16x8_rt(xq + (i64)i * xq_t + (i64)r * xq_h + e0, y[0], vin);
-        if (FMT == FMT_FP8_HEAD && amax) amax_row<W>(amax + (i64)b * amax_cols + r, y[0], lane);
+      const int fl = s_fl[tt];
+      if (!(fl & 1)) {
+        const float zero[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+        for (int r = r0; r < n_h; r += rstep) store_bf16x8_rt(out + ((i64)i * n_h + r) * D + e0, zero, vin);
         continue;
       }
-      const int h = kind == 1 ? r - n_h : r - n_h - n_kvh;
-      if (kind == 1 && (flags & CW_K_BACK))
-        store_bf16x8_rt(xk + (i64)i * xk_t + (i64)h * xk_h + e0, y[0], vin);
-      float inv = 0.0f;
-      if (FMT == FMT_FP8_HEAD) {
-        if (!precomputed) {
-          if (amax) amax_row<W>(amax + (i64)b * amax_cols + r, y[0], lane);
+      const i64 slot = s_slot[tt];
+      const int b = s_b[tt];
+      const bool precomputed = fl & 2;
+      const double* tab = s_tab + tt * nt * H;
+      for (int j = 0;; ++j) {
+        const int r = r0 + j * rstep;
+        if (r >= rows) break;
+        const uint4 u = async ? *slot_of(st, j) : load_raw8(row_ptr(i, r) + e0, vin);
+        float y[1][8];
+        unpack_bf16x8(u, y[0]);
+        const int kind = r < n_h ? 0 : (r < n_h + n_kvh ? 1 : 2);
+        if (kind != 2) {
+          if (mode) rotate8<W>(y[0], e0, inter, mode == 2, tab, tab + H, tab + (kind == 0 ? 2 : 3) * H);
+          if (norm) qk_norm8<W>(y[0], eps);
+        }
+        if (kind == 0) {
+          store_bf16x8_rt(out + ((i64)i * n_h + r) * D + e0, y[0], vin);
+          if (flags & CW_Q_BACK) store_bf16x8_rt(xq + (i64)i * xq_t + (i64)r * xq_h + e0, y[0], vin);
+          if (FMT == FMT_FP8_HEAD && amax) amax_row<W>(amax + (i64)b * amax_cols + r, y[0], lane);
           continue;
         }
-        inv = __frcp_rn((kind == 1 ? hs_k : hs_v)[(i64)b * n_kvh + h]);
+        const int h = kind == 1 ? r - n_h : r - n_h - n_kvh;
+        if (kind == 1 && (flags & CW_K_BACK))
+          store_bf16x8_rt(xk + (i64)i * xk_t + (i64)h * xk_h + e0, y[0], vin);
+        float inv = 0.0f;
+        if (FMT == FMT_FP8_HEAD) {
+          if (!precomputed) {
+            if (amax) amax_row<W>(amax + (i64)b * amax_cols + r, y[0], lane);
+            continue;
+          }
+          inv = __frcp_rn((kind == 1 ? hs_k : hs_v)[(i64)b * n_kvh + h]);
+        }
+        const i64 row = slot * n_kvh + h;
+        u8* dst = (kind == 1 ? cache_k : cache_v) + row * row_bytes;
+        int* qw = kind == 1 ? qw_k : qw_v;
+        int* word = qw ? qw + row : nullptr;
+        if (vcache) encode_row<FMT, G, W, 1, true>(y, D, lane, dst, word, inv);
+        else encode_row<FMT, G, W, 1, false>(y, D, lane, dst, word, inv);
       }
-      const i64 row = slot * n_kvh + h;
-      u8* dst = (kind == 1 ? cache_k : cache_v) + row * row_bytes;
-      int* qw = kind == 1 ? qw_k : qw_v;
-      int* word = qw ? qw + row : nullptr;
-      if (vcache) encode_row<FMT, G, W, 1, true>(y, D, lane, dst, word, inv);
-      else encode_row<FMT, G, W, 1, false>(y, D, lane, dst, word, inv);
     }
+    __syncthreads();   // the next chunk overwrites the token records and tables
   }
+  if (async) cp_async_wait(0);
 }
