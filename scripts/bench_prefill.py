@@ -111,13 +111,16 @@ def bench_prefill(ctx, *, configs=True, layouts=True):
         kp, vp = k.reshape(B, Tk, KVH, D), v.reshape(B, Tk, KVH, D)
         lens = cp.full((B,), Tk, dtype=cp.int32)
         bt = cp.arange(B * Tk // S, dtype=cp.int32).reshape(B, Tk // S)
+        bt16 = cp.random.RandomState(2).permutation(B * Tk // 16).astype(cp.int32).reshape(B, Tk // 16)
         kg, vg = k.reshape(1, B * Tk, KVH, D), v.reshape(1, B * Tk, KVH, D)
         fl = causal_flops(B, Tq, Tk, H, D)
         nbytes = 2 * (2 * q.size + kp.size + vp.size)
         for name, fn in (
                 ("padded", lambda: cukv.prefill_attention(q, kp, vp, cuq, seqlens_k=lens, validate=False)),
-                ("paged", lambda: cukv.prefill_attention(q, kg, vg, cuq, seqlens_k=lens, block_tables=bt,
-                                                         page_size=S, validate=False))):
+                ("paged S64", lambda: cukv.prefill_attention(q, kg, vg, cuq, seqlens_k=lens, block_tables=bt,
+                                                             page_size=S, validate=False)),
+                ("paged S16 shuffled", lambda: cukv.prefill_attention(
+                    q, kg, vg, cuq, seqlens_k=lens, block_tables=bt16, page_size=16, validate=False))):
             fn()
             ms = ctx.time(fn)
             gbps = nbytes / ms / 1e6

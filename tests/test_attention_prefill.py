@@ -392,15 +392,16 @@ def test_gpu_validation(gpu, rng):
         cukv.prefill_attention(q, to_host(k), v, cu, **kw)
 
 
-def test_gpu_validate_false_matches_reference(gpu, rng):
+@pytest.mark.parametrize("page_size", [8, 64])
+def test_gpu_validate_false_matches_reference(gpu, rng, page_size):
     """Adversarial contents under validate=False follow the reference's guards exactly."""
-    c = Case(rng, [3, 70, 10], [40, 90, 10], 4, 2, 64, page_size=8)
+    c = Case(rng, [3, 70, 10], [40, 90, 10], 4, 2, 64, page_size=page_size)
     q, kg, vg, cu, kw = c.args("paged")
     kg = np.nan_to_num(kg.astype(np.float32)).astype(BF16)     # clamped lengths reach unused rows
     vg = np.nan_to_num(vg.astype(np.float32)).astype(BF16)
     bt = kw["block_tables"].copy()
-    bt[1, 2] = -3                          # keys 16..23 of lane 1 excluded
-    bt[2, 0] = 10 ** 6                     # keys 0..7 of lane 2 excluded
+    bt[1, 1] = -3                          # lane 1: the keys of its page 1 are excluded
+    bt[2, 0] = 10 ** 6                     # lane 2: the keys of its page 0 are excluded
     cu_q = np.array([0, 3, 73, 80], np.int32)          # rows 80..82 belong to no lane
     lens = np.array([40, 90, 10 ** 6], np.int32)       # clamped to the capacity
     args = dict(seqlens_k=lens, block_tables=bt, page_size=c.S, validate=False, return_lse=True)
@@ -428,12 +429,13 @@ def test_gpu_validate_false_matches_reference(gpu, rng):
 QFMTS = [("fp8", False), ("fp8", True), ("fp8_head", False), ("int4:g1", False), ("int4:g4", False)]
 
 
-@pytest.mark.parametrize("layout", ["padded", "paged"])
+@pytest.mark.parametrize("layout,page_size", [("padded", 16), ("paged", 16), ("paged", 128)])
 @pytest.mark.parametrize("fmt,external", QFMTS)
-def test_gpu_quantized_cache(gpu, rng, layout, fmt, external):
-    """fmt= reads quantized caches; the result equals bf16 attention over the dequantized cache."""
+def test_gpu_quantized_cache(gpu, rng, layout, page_size, fmt, external):
+    """fmt= reads quantized caches; the result equals bf16 attention over the dequantized cache.
+    page_size 16 looks pages up per key; 128 (a multiple of the key tile) once per tile."""
     D, n_kvh = 128, 2
-    c = Case(rng, [1, 7, 200], [5, 7, 333], 8, n_kvh, D, page_size=16)
+    c = Case(rng, [1, 7, 200], [5, 7, 333], 8, n_kvh, D, page_size=page_size)
     q, kc, vc, cu, kw = c.args(layout)
     kc = np.nan_to_num(kc.astype(np.float32))
     vc = np.nan_to_num(vc.astype(np.float32))

@@ -65,9 +65,6 @@ template <int N> __device__ __forceinline__ void pf_cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }
 
-__device__ __forceinline__ void pf_st_shared16(u32 dst, u32 a, u32 b, u32 c, u32 d) {
-  asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"r"(dst), "r"(a), "r"(b), "r"(c), "r"(d));
-}
 __device__ __forceinline__ void pf_st_shared4(u32 dst, u32 a) {
   asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(dst), "r"(a));
 }
@@ -75,19 +72,6 @@ __device__ __forceinline__ uint4 pf_ld_shared16(u32 src) {
   uint4 v;
   asm volatile("ld.shared.v4.b32 {%0, %1, %2, %3}, [%4];\n"
                : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "r"(src));
-  return v;
-}
-__device__ __forceinline__ u32 pf_ld_shared4(u32 src) {
-  u32 v;
-  asm volatile("ld.shared.b32 %0, [%1];\n" : "=r"(v) : "r"(src));
-  return v;
-}
-__device__ __forceinline__ void pf_st_shared_u8(u32 dst, u32 a) {
-  asm volatile("st.shared.u8 [%0], %1;\n" ::"r"(dst), "r"(a));
-}
-__device__ __forceinline__ u32 pf_ld_shared_u8(u32 src) {
-  u32 v;
-  asm volatile("ld.shared.u8 %0, [%1];\n" : "=r"(v) : "r"(src));
   return v;
 }
 
@@ -222,12 +206,16 @@ __global__ void prefill_fill_unowned(const int* __restrict__ ctl, int t_q, int n
 template <int FMT>
 __device__ __forceinline__ void pf_decode8(u32 c0, u32 c1, u32 w, float s, u32 (&o)[4]) {
   if (FMT == PF_FMT_INT4) {
-    const u16 sc = (u16)(w & 0xffffu), sh = (u16)(w >> 16);
+    // Pairs of nibbles as fp16 (1024 + q) - 1024 = q (exact), then one fp16x2 fma: RN_f16(q*sc + sh).
+    const u32 sc2 = (w & 0xffffu) * 0x10001u, sh2 = (w >> 16) * 0x10001u;
 #pragma unroll
     for (int k = 0; k < 4; ++k) {
-      const float lo = f16_to_f32(f16_fma(u4_to_f16((c0 >> (8 * k)) & 0xfu), sc, sh));
-      const float hi = f16_to_f32(f16_fma(u4_to_f16((c0 >> (8 * k + 4)) & 0xfu), sc, sh));
-      o[k] = (u32)f32_to_bf16(lo) | ((u32)f32_to_bf16(hi) << 16);
+      const u32 x = c0 >> (8 * k);
+      const u32 h2 = 0x64006400u | (x & 0xfu) | ((x & 0xf0u) << 12);
+      u32 q2, y2;
+      asm("sub.rn.f16x2 %0, %1, %2;" : "=r"(q2) : "r"(h2), "r"(0x64006400u));
+      asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(y2) : "r"(q2), "r"(sc2), "r"(sh2));
+      o[k] = pack_bf16x2(f16_to_f32((u16)(y2 & 0xffffu)), f16_to_f32((u16)(y2 >> 16)));
     }
   } else {
     float scale = s, shift = 0.0f;
@@ -237,12 +225,25 @@ __device__ __forceinline__ void pf_decode8(u32 c0, u32 c1, u32 w, float s, u32 (
     }
 #pragma unroll
     for (int k = 0; k < 4; ++k) {
-      const u32 cw = k < 2 ? c0 : c1;
-      const int sh8 = (k & 1) * 16;
-      float lo = __fmul_rn(e4m3_to_f32((cw >> sh8) & 0xffu), scale);   // exact for fp8
-      float hi = __fmul_rn(e4m3_to_f32((cw >> (sh8 + 8)) & 0xffu), scale);
-      if (FMT == PF_FMT_FP8) { lo = __fadd_rn(lo, shift); hi = __fadd_rn(hi, shift); }
-      o[k] = (u32)f32_to_bf16(lo) | ((u32)f32_to_bf16(hi) << 16);
+      const u32 pair = ((k < 2 ? c0 : c1) >> ((k & 1) * 16)) & 0xffffu;
+      float lo, hi;
+#if __CUDA_ARCH__ >= 890
+      u32 h2;                                                  // e4m3 -> fp16 is exact
+      asm("cvt.rn.f16x2.e4m3x2 %0, %1;" : "=r"(h2) : "h"((u16)pair));
+      lo = f16_to_f32((u16)(h2 & 0xffffu));
+      hi = f16_to_f32((u16)(h2 >> 16));
+#else
+      lo = e4m3_to_f32(pair & 0xffu);
+      hi = e4m3_to_f32(pair >> 8);
+#endif
+      if (FMT == PF_FMT_FP8) {          // the product is exact: one rounding, as SPEC §2.3
+        lo = __fmaf_rn(lo, scale, shift);
+        hi = __fmaf_rn(hi, scale, shift);
+      } else {
+        lo = __fmul_rn(lo, scale);
+        hi = __fmul_rn(hi, scale);
+      }
+      o[k] = pack_bf16x2(lo, hi);
     }
   }
 }
@@ -302,6 +303,14 @@ prefill_attention_fwd(const u16* __restrict__ q, long long q_st, long long q_sh,
   const u32 sWk = rV + BN * rsp;
   const u32 sWv = sWk + BN * 4;
 
+  // Plain (non-volatile) shared accesses for page ids, staged rows and decoded chunks, so the compiler
+  // can batch them; cp.async, ldmatrix and the barriers order them against the tile traffic.
+  auto sm_u32 = [&](u32 addr) -> u32 { return *reinterpret_cast<const u32*>(pf_smem + (addr - sQ)); };
+  auto sm_st16 = [&](u32 addr, const u32 (&o)[4]) {
+    *reinterpret_cast<uint4*>(pf_smem + (addr - sQ)) = make_uint4(o[0], o[1], o[2], o[3]);
+  };
+  auto sm_st8 = [&](u32 addr, u32 v) { pf_smem[addr - sQ] = (unsigned char)v; };
+
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int g = lane >> 2, tig = lane & 3;
 
@@ -360,9 +369,16 @@ prefill_attention_fwd(const u16* __restrict__ q, long long q_st, long long q_sh,
   // Physical row of key t (n0 <= t < min(n0 + BN, lk)) of this lane, or -1 behind an invalid page id.
   auto phys_row = [&](int t, int n0, int buf) -> long long {
     if (!PAGED) return (long long)t;
-    const int pid = (int)pf_ld_shared4(sPg + (buf * (BN + 4) + pdiv(t) - pdiv(n0)) * 4);
+    const int pid = (int)sm_u32(sPg + (buf * (BN + 4) + pdiv(t) - pdiv(n0)) * 4);
     if (pid < 0 || pid >= n_pages) return -1;
     return (long long)pid * page_size + pmod(t);
+  };
+  // Paged with page_size % BN == 0: every tile lies in one page (one page id per tile).
+  const bool tile_in_page = PAGED && page_size % BN == 0;
+  auto tile_row0 = [&](int n0, int buf) -> long long {     // physical row of key n0, or -1
+    const int pid = (int)sm_u32(sPg + buf * (BN + 4) * 4);
+    if (pid < 0 || pid >= n_pages) return -1;
+    return (long long)pid * page_size + pmod(n0);
   };
   // Row index into external per-row qparams ([B, KV_PAD, N_KVH] or [1, P*S, N_KVH], contiguous).
   auto qp_row = [&](long long pr) -> long long { return PAGED ? pr : (long long)b * kv_pad + pr; };
@@ -392,18 +408,32 @@ prefill_attention_fwd(const u16* __restrict__ q, long long q_st, long long q_sh,
       }
       return false;
     }
+    if (tile_in_page) {
+      const long long pr0 = tile_row0(n0, buf);
+      const int rem = pr0 >= 0 ? lk - n0 - lr : 0;
+      const CT* p = base + (pr0 + lr) * st + lc * 8;
+      const long long step = (long long)RSTEP * st;
+#pragma unroll
+      for (int i = 0; i < BN / RSTEP; ++i) {
+        const bool ok = i * RSTEP < rem;
+        if (is_k && lc == 0) sm_st8(sF + lr + i * RSTEP, ok ? 1u : 0u);
+        pf_cp_async16(sw_dst(dst, i), ok ? p : base, ok ? 16u : 0u);
+        p += step;
+      }
+      return pr0 < 0;
+    }
+    int pr[BN / RSTEP];                        // physical rows (< P*S < 2^31), -1 invalid, -2 past lk
+#pragma unroll
+    for (int i = 0; i < BN / RSTEP; ++i) {     // page lookups first, so their latencies overlap
+      const int t = n0 + lr + i * RSTEP;
+      pr[i] = t < lk ? (int)phys_row(t, n0, buf) : -2;
+      bad |= pr[i] == -1;
+    }
 #pragma unroll
     for (int i = 0; i < BN / RSTEP; ++i) {
-      const int r = lr + i * RSTEP;
-      const int t = n0 + r;
-      long long pr = -1;
-      if (t < lk) {
-        pr = phys_row(t, n0, buf);
-        if (pr < 0) bad = true;
-      }
-      if (is_k && lc == 0) pf_st_shared_u8(sF + r, pr >= 0 ? 1u : 0u);
-      const CT* src = pr >= 0 ? base + pr * st + lc * 8 : base;
-      pf_cp_async16(sw_dst(dst, i), src, pr >= 0 ? 16u : 0u);
+      if (is_k && lc == 0) sm_st8(sF + lr + i * RSTEP, pr[i] >= 0 ? 1u : 0u);
+      const CT* src = pr[i] >= 0 ? base + (long long)pr[i] * st + lc * 8 : base;
+      pf_cp_async16(sw_dst(dst, i), src, pr[i] >= 0 ? 16u : 0u);
     }
     return bad;
   };
@@ -411,10 +441,13 @@ prefill_attention_fwd(const u16* __restrict__ q, long long q_st, long long q_sh,
   // Quantized: cp.async the raw rows (4-byte words, one warp per row) and external fp8 words of the
   // tile starting at n0 into staging; rows past lk or behind an invalid page are skipped.
   auto load_raw = [&](const CT* base, long long st, u32 rbuf, u32 wbuf, const int* qpw, int n0, int buf) {
-    for (int r = warp; r < BN; r += NW) {
+    const long long pr0 = tile_in_page ? tile_row0(n0, buf) : 0;
+#pragma unroll 4
+    for (int i = 0; i < BN / NW; ++i) {
+      const int r = warp + i * NW;
       const int t = n0 + r;
       if (t >= lk) break;
-      const long long pr = phys_row(t, n0, buf);
+      const long long pr = tile_in_page ? (pr0 >= 0 ? pr0 + r : -1) : phys_row(t, n0, buf);
       if (pr < 0) continue;
       const u8* src = reinterpret_cast<const u8*>(base + pr * st);
       for (int w = lane; w < rw; w += 32) pf_cp_async4(rbuf + r * rsp + w * 4, src + w * 4);
@@ -426,29 +459,29 @@ prefill_attention_fwd(const u16* __restrict__ q, long long q_st, long long q_sh,
   // load_kv does.
   auto decode = [&](u32 rbuf, u32 wbuf, float sc, u32 dst, int n0, bool is_k, int buf) -> bool {
     bool bad = false;
+    const long long pr0 = tile_in_page ? tile_row0(n0, buf) : 0;
 #pragma unroll
     for (int i = 0; i < BN / RSTEP; ++i) {
       const int r = lr + i * RSTEP;
       const int t = n0 + r;
       long long pr = -1;
       if (t < lk) {
-        pr = phys_row(t, n0, buf);
+        pr = tile_in_page ? (pr0 >= 0 ? pr0 + r : -1) : phys_row(t, n0, buf);
         if (pr < 0) bad = true;
       }
-      if (PAGED && is_k && lc == 0) pf_st_shared_u8(sF + r, pr >= 0 ? 1u : 0u);
+      if (PAGED && is_k && lc == 0) sm_st8(sF + r, pr >= 0 ? 1u : 0u);
       u32 o[4] = {0u, 0u, 0u, 0u};
       if (pr >= 0) {
         const u32 row = rbuf + r * rsp;
         if (FMT == PF_FMT_INT4) {
-          const u32 wg = pf_ld_shared4(row + 4 * ((8 * lc) / (D / n_groups)));
-          pf_decode8<FMT>(pf_ld_shared4(row + 4 * n_groups + 4 * lc), 0u, wg, 0.0f, o);
+          const u32 wg = sm_u32(row + 4 * ((8 * lc) / (D / n_groups)));
+          pf_decode8<FMT>(sm_u32(row + 4 * n_groups + 4 * lc), 0u, wg, 0.0f, o);
         } else {
-          const u32 w = FMT == PF_FMT_FP8 ? pf_ld_shared4(qp_off ? row : wbuf + r * 4) : 0u;
-          const u32 c0 = pf_ld_shared4(row + qp_off + 8 * lc), c1 = pf_ld_shared4(row + qp_off + 8 * lc + 4);
-          pf_decode8<FMT>(c0, c1, w, sc, o);
+          const u32 w = FMT == PF_FMT_FP8 ? sm_u32(qp_off ? row : wbuf + r * 4) : 0u;
+          pf_decode8<FMT>(sm_u32(row + qp_off + 8 * lc), sm_u32(row + qp_off + 8 * lc + 4), w, sc, o);
         }
       }
-      pf_st_shared16(sw_dst(dst, i), o[0], o[1], o[2], o[3]);
+      sm_st16(sw_dst(dst, i), o);
     }
     return bad;
   };
@@ -582,7 +615,7 @@ prefill_attention_fwd(const u16* __restrict__ q, long long q_st, long long q_sh,
             const int row = m0 + wrow + mt * 16 + g + ((e >> 1) << 3);
             const int key = n0 + nb * 8 + 2 * tig + (e & 1);
             bool vis = key < lk && (!causal || key <= row + shift);
-            if (PAGED && any_bad && vis) vis = pf_ld_shared_u8(sF + (key - n0)) != 0;
+            if (PAGED && any_bad && vis) vis = pf_smem[sF - sQ + (key - n0)] != 0;
             if (!vis) s[mt][nb][e] = PF_NEG_INF;
           }
     }
@@ -594,10 +627,6 @@ prefill_attention_fwd(const u16* __restrict__ q, long long q_st, long long q_sh,
       else k_bad = load_kv(kbase, a.k_st, sK, n0 - BN, true, buf ^ 1);
     }
     pf_cp_async_commit();
-    if (QUANT) {
-      decode(rV, sWv, s_v, sV, n0, false, buf);
-      __syncthreads();
-    }
 
     // ---- online softmax (rows g and g + 8 of every m16 tile; a row lives in one quad)
 #pragma unroll
@@ -630,10 +659,8 @@ prefill_attention_fwd(const u16* __restrict__ q, long long q_st, long long q_sh,
         }
       }
 
-    // ---- O += P V
-#pragma unroll
-    for (int kk = 0; kk < BN / 16; ++kk) {
-      u32 pa[MT][4];
+    // ---- O += P V, P rounded to bf16 A fragments
+    auto pack_p = [&](int kk, u32 (&pa)[MT][4]) {
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt) {
         pa[mt][0] = pack_bf16x2(s[mt][2 * kk][0], s[mt][2 * kk][1]);
@@ -641,6 +668,8 @@ prefill_attention_fwd(const u16* __restrict__ q, long long q_st, long long q_sh,
         pa[mt][2] = pack_bf16x2(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
         pa[mt][3] = pack_bf16x2(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
       }
+    };
+    auto pv_step = [&](int kk, const u32 (&pa)[MT][4]) {
 #pragma unroll
       for (int nd2 = 0; nd2 < ND / 2; ++nd2) {
         u32 b0, b1, b2, b3;
@@ -650,6 +679,23 @@ prefill_attention_fwd(const u16* __restrict__ q, long long q_st, long long q_sh,
           pf_mma(o_acc[mt][2 * nd2], pa[mt][0], pa[mt][1], pa[mt][2], pa[mt][3], b0, b1);
           pf_mma(o_acc[mt][2 * nd2 + 1], pa[mt][0], pa[mt][1], pa[mt][2], pa[mt][3], b2, b3);
         }
+      }
+    };
+    if (QUANT) {
+      // Pack all of P first (the fp32 scores die), then decode V(j), staged during S = Q K^T.
+      u32 pa[BN / 16][MT][4];
+#pragma unroll
+      for (int kk = 0; kk < BN / 16; ++kk) pack_p(kk, pa[kk]);
+      decode(rV, sWv, s_v, sV, n0, false, buf);
+      __syncthreads();
+#pragma unroll
+      for (int kk = 0; kk < BN / 16; ++kk) pv_step(kk, pa[kk]);
+    } else {
+#pragma unroll
+      for (int kk = 0; kk < BN / 16; ++kk) {
+        u32 pa[MT][4];
+        pack_p(kk, pa);
+        pv_step(kk, pa);
       }
     }
   }
