@@ -397,6 +397,11 @@ def prefill_attention(q, k, v, cu_seqlens_q, *, cu_seqlens_k=None, seqlens_k=Non
     attention needs ``D = 128`` and does not page: every layout, ``D`` and GQA ratio here, and
     quantized caches are read directly.
 
+    The same kernel runs on sm_80 and sm_90 (``mma.sync`` only; no wgmma path). With ``fmt`` every
+    CTA decodes the K/V tiles it reads, i.e. once per query head of a GQA group, so the fused path
+    is ALU-bound and slower than ``dequantize_cache`` followed by bf16 attention when the cache is
+    read by many query blocks (``scripts/bench_prefill.py`` measures both layouts and formats).
+
     See Also
     --------
     cukv.ref.attention_prefill.prefill_attention
