@@ -19,10 +19,10 @@ __all__ = ["decode_attention"]
 
 HEAD_DIMS = (64, 128, 256)
 _KIND = {"bf16": 0, "fp8": 1, "fp8_head": 1, "int4": 2}
-_STAGES = {0: 3, 1: 4, 2: 4}          # Geo<KIND, D>::STAGES in the .cu
+_STAGES = {0: 3, 1: 3, 2: 3}          # Geo<KIND, D>::STAGES in the .cu
 _SMEM_TARGET = 112 * 1024             # per CTA: two CTAs fit one H100 SM
 _MAX_AUTO_SPLITS = 128
-_TUNE: dict = {}                      # benchmark-only overrides: "nw", "smem_target"
+_TUNE: dict = {}                      # benchmark-only overrides: "nw", "smem_target", "head_major"
 
 _FAMILY = _compile.Family("decode_attention.cu", [
     *(_compile.expression("decode_attn", k, d, nt) for k in (0, 1, 2) for d in HEAD_DIMS for nt in (1, 2)),
@@ -173,7 +173,8 @@ def _layout(kind: str, fmt_g: int, D: int, R_bytes: int, external: bool):
     """
     hdr = {"bf16": 0, "fp8": 0 if external else 4, "fp8_head": 0, "int4": 4 * fmt_g}[kind]
     pad = (-hdr) % 16
-    slot = -(-(max(pad, 12) + R_bytes) // 16) * 16 + 16
+    shift = pad if kind == "bf16" else max(pad, 12)      # bf16 rows take the fast copy only when 16-aligned
+    slot = -(-(shift + R_bytes) // 16) * 16 + 16
     stages = _STAGES[_KIND[kind]]
     stage_bytes = 32 * slot + 128
     warp_bytes = -(-(stages * stage_bytes + 256 + 16) // 16) * 16
@@ -279,6 +280,7 @@ def run(p: Plan, *, partials: bool = False, dots: bool = False, num_splits: int 
     fast = (all(v % 16 == 0 for v in outer) and all(v % 4 == 0 for v in (R_bytes, cs2, pk, pv))
             and (kind != "bf16" or all(v % 16 == 0 for v in (cs2, pk, pv))))
     use_parts = partials or S > 1
+    hm = int(_TUNE.get("head_major", 0)) and S <= 65535
     pa = cp.empty((B, S, NH, D), np.float32) if use_parts else None
     pm = cp.empty((B, 2, S, NH), np.float32) if use_parts else None
     dt = cp.zeros((B, NH, g.capacity), np.float32) if dots else None
@@ -291,9 +293,10 @@ def run(p: Plan, *, partials: bool = False, dots: bool = False, num_splits: int 
             i32(NH), i32(nkv), i32(g.capacity), i64(cs0), i64(cs1), i64(cs2), i64(ws[0]), i64(ws[1]),
             i64(ws[2]), i32(R_bytes), i32(fp8_mode), i32(gshift), f32(p.scale * math.log2(math.e)),
             i32(S), i32(copy_w), i32(fast), i32(cfg.pad), i32(cfg.hdr), i32(cfg.sK), i32(cfg.sV),
-            i32(cfg.stage_bytes), i32(cfg.warp_bytes), out, lse, pa, pm, dt,
+            i32(cfg.stage_bytes), i32(cfg.warp_bytes), i32(hm), out, lse, pa, pm, dt,
             i32(g.capacity if dots else 0))
-    _compile.launch(cfg.kernel, (S, nkv * cfg.n_hg, B), (32 * cfg.nw,), args, shared_mem=cfg.smem)
+    grid = (nkv * cfg.n_hg, S, B) if hm else (S, nkv * cfg.n_hg, B)
+    _compile.launch(cfg.kernel, grid, (32 * cfg.nw,), args, shared_mem=cfg.smem)
     if use_parts:
         merge = _FAMILY.kernel("decode_attn_merge")
         _compile.launch(merge, (B * NH,), (64,), (pa, pm, i32(NH), i32(S), i32(D), out, lse))

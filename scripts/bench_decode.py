@@ -56,6 +56,8 @@ def _sdpa_ms(ctx, q, k, v):
             return F.scaled_dot_product_attention(tq, kk, vv, enable_gqa=True)
 
         ms = ctx.time_peer(f, compiled=False)
+        if os.environ.get("CUKV_BENCH_SWEEP") and ms is not None:
+            print(f"  SDPA {name}: {ms:.4f} ms", flush=True)
         if ms is not None and (best is None or ms < best):
             best, how = ms, name
             out = ctx.from_torch(f()[:, :, 0])
@@ -106,12 +108,15 @@ def _sweep(ctx, q, seq, caches, B, T):
                        check_finite=False)
         auto = ad.config(p).num_splits
         row = []
-        for nw in (4, 2):
-            ad._TUNE.update(nw=nw, smem_target=200 * 1024)
-            for S in sorted({1, 2, auto, 2 * auto, max(1, auto // 2), 66, 132} if B < 64 else {1, 2, auto}):
+        for nw, hm in ((4, 0), (2, 0), (4, 1)):
+            if hm and B > 1:
+                continue
+            ad._TUNE.update(nw=nw, smem_target=200 * 1024, head_major=hm)
+            cands = {1, 2, 3, 4, auto} if B >= 16 else {auto, 2 * auto, max(1, auto // 2), 33, 40, 66}
+            for S in sorted(cands):
                 ms = ctx.time(lambda: cukv.decode_attention(q, ck, cv, seq, fmt=fmt, num_splits=S,
                                                             validate=False), batches=3)
-                row.append(f"nw{nw}/S{S}={ms:.4f}")
+                row.append(f"nw{nw}{'h' if hm else ''}/S{S}={ms:.4f}")
             ad._TUNE.clear()
         print(f"  sweep {fmt} B{B} T{T} (auto S={auto}): " + " ".join(row), flush=True)
 

@@ -100,18 +100,24 @@ __device__ __forceinline__ u32 hfma2(u32 a, u32 b, u32 c) {
   return r;
 }
 
-// Two e4m3 codes (bits 0-7 and 8-15 of `two`) -> their exact values.
-__device__ __forceinline__ void e4m3x2_to_f32x2(u32 two, float& lo, float& hi) {
+// Two e4m3 codes (bits 0-7 and 8-15 of `two`) -> fp16x2 of their exact values (every e4m3fn value,
+// NaN included, is an fp16 value).
+__device__ __forceinline__ u32 e4m3x2_to_f16x2(u32 two) {
 #if __CUDA_ARCH__ >= 890
   u32 h;
   const unsigned short in = (unsigned short)(two & 0xffffu);
   asm("cvt.rn.f16x2.e4m3x2 %0, %1;" : "=r"(h) : "h"(in));
-  lo = f16_to_f32((u16)(h & 0xffffu));
-  hi = f16_to_f32((u16)(h >> 16));
+  return h;
 #else
-  lo = e4m3_to_f32(two & 0xffu);
-  hi = e4m3_to_f32((two >> 8) & 0xffu);
+  return (u32)f32_to_f16(e4m3_to_f32(two & 0xffu)) | ((u32)f32_to_f16(e4m3_to_f32((two >> 8) & 0xffu)) << 16);
 #endif
+}
+
+// (a & b) | c in one instruction (the compiler splits it when b and c are both immediates).
+__device__ __forceinline__ u32 and_or(u32 a, u32 b, u32 c) {
+  u32 r;
+  asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(r) : "r"(a), "r"(b), "r"(c));
+  return r;
 }
 
 // ------------------------------------------------------------------------------------ formats
@@ -124,7 +130,7 @@ template <int KIND, int D> struct Geo {
   static constexpr int KU = KCH / CPU; // K units per thread and key
   static constexpr int KS = D / 16;    // QK k-steps = PV m-tiles
   static constexpr int VCH = D / 64;   // V chunks per thread and key
-  static constexpr int STAGES = KIND == KIND_BF16 ? 3 : 4;
+  static constexpr int STAGES = 3;
 };
 
 // Position p (0..7) of a decoded chunk -> element offset in the chunk. Decoded word w holds positions
@@ -139,35 +145,44 @@ struct RowQ {
   const u8* hdr;     // int4: the row's qparam words (shared memory)
 };
 
-// Decode one chunk of 8 elements into 4 bf16x2 words. raw: CB bytes of the chunk; ck: chunk index.
+// Decoding is split in two stages so that V can pair values of two keys without extra permutes:
+//   pre_chunk: 8 raw elements -> 4 fp16x2 words P[k] holding positions 2k (low) and 2k+1 (high):
+//     fp8: the exact e4m3 values; int4: RN_f16(q*scale + shift); bf16: the raw bf16 pairs.
+//   fin: the fp32 value whose RN_bf16 is the dequantized value (fp8: one fma with scale, shift).
+// pack_chunk gives the 4 bf16x2 words of one key (K operand). ck: chunk index (int4 group).
 template <int KIND, int D>
-__device__ __forceinline__ void decode_chunk(const u32* raw, int ck, const RowQ& q, int gshift, u32 (&w)[4]) {
+__device__ __forceinline__ void pre_chunk(const u32* raw, int ck, const RowQ& q, int gshift, u32 (&P)[4]) {
   if (KIND == KIND_BF16) {
 #pragma unroll
-    for (int k = 0; k < 4; ++k) w[k] = raw[k];
+    for (int k = 0; k < 4; ++k) P[k] = raw[k];
   } else if (KIND == KIND_FP8) {
 #pragma unroll
-    for (int k = 0; k < 4; ++k) {
-      float a, b;
-      e4m3x2_to_f32x2(raw[k >> 1] >> (16 * (k & 1)), a, b);
-      w[k] = pack_bf16x2(__fmaf_rn(a, q.s, q.z), __fmaf_rn(b, q.s, q.z));
-    }
+    for (int k = 0; k < 4; ++k) P[k] = e4m3x2_to_f16x2(raw[k >> 1] >> (16 * (k & 1)));
   } else {
     const u32 qw = *reinterpret_cast<const u32*>(q.hdr + 4 * ((ck << 3) >> gshift));
     const u32 s2 = __byte_perm(qw, qw, 0x1010), z2 = __byte_perm(qw, qw, 0x3232);
     // Word k holds nibbles (k, k+4) as fp16 1024 + q (k even) or 1024 + 16q (k odd); both give q
     // exactly: (h - 1024) and (h/16 - 64). Then one fp16 fma: RN_f16(q*scale + shift).
+    const u32 mlo = 0x000f000fu, mhi = 0x00f000f0u, magic = 0x64006400u;
     const u32 r = raw[0], y = __byte_perm(r, 0u, 0x4341);    // y: bytes 1 and 3 of r in bytes 0, 2
-    const u32 h0 = (r & 0x000f000fu) | 0x64006400u, h1 = (r & 0x00f000f0u) | 0x64006400u;
-    const u32 h2 = (y & 0x000f000fu) | 0x64006400u, h3 = (y & 0x00f000f0u) | 0x64006400u;
-    const u32 qv[4] = {hsub2(h0, 0x64006400u), hfma2(h1, 0x2c002c00u, 0xd400d400u),
-                       hsub2(h2, 0x64006400u), hfma2(h3, 0x2c002c00u, 0xd400d400u)};
+    const u32 qv[4] = {hsub2(and_or(r, mlo, magic), magic), hfma2(and_or(r, mhi, magic), 0x2c002c00u, 0xd400d400u),
+                       hsub2(and_or(y, mlo, magic), magic), hfma2(and_or(y, mhi, magic), 0x2c002c00u, 0xd400d400u)};
 #pragma unroll
-    for (int k = 0; k < 4; ++k) {
-      const u32 h = hfma2(qv[k], s2, z2);
-      w[k] = pack_bf16x2(f16_to_f32((u16)(h & 0xffffu)), f16_to_f32((u16)(h >> 16)));
-    }
+    for (int k = 0; k < 4; ++k) P[k] = hfma2(qv[k], s2, z2);
   }
+}
+
+template <int KIND>
+__device__ __forceinline__ float fin(u32 pw, int hi, const RowQ& q) {
+  const float v = f16_to_f32((u16)(hi ? pw >> 16 : pw & 0xffffu));
+  return KIND == KIND_FP8 ? __fmaf_rn(v, q.s, q.z) : v;
+}
+
+template <int KIND>
+__device__ __forceinline__ void pack_chunk(const u32 (&P)[4], const RowQ& q, u32 (&w)[4]) {
+#pragma unroll
+  for (int k = 0; k < 4; ++k)
+    w[k] = KIND == KIND_BF16 ? P[k] : pack_bf16x2(fin<KIND>(P[k], 0, q), fin<KIND>(P[k], 1, q));
 }
 
 // NB raw bytes at p (shared memory) into words: one 16-byte load for bf16 rows (16-aligned), 4-byte
@@ -196,7 +211,7 @@ __global__ void __launch_bounds__(128) decode_attn(
     int max_pages, int page_size, int n_pages, const int* __restrict__ seqlens, int n_heads, int n_kv,
     int capacity, i64 cs0, i64 cs1, i64 cs2, i64 ws0, i64 ws1, i64 ws2, int R, int fp8_mode, int gshift,
     float scale_log2, int num_splits, int copy_w, int fast, int pad, int hdr, int sK, int sV, int stage_bytes,
-    int warp_bytes, u16* __restrict__ out, float* __restrict__ lse, float* __restrict__ part_a,
+    int warp_bytes, int head_major, u16* __restrict__ out, float* __restrict__ lse, float* __restrict__ part_a,
     float* __restrict__ part_ml, float* __restrict__ dots, int dots_cap) {
   typedef Geo<KIND, D> G_;
   constexpr int KS = G_::KS, STAGES = G_::STAGES;
@@ -204,9 +219,11 @@ __global__ void __launch_bounds__(128) decode_attn(
   const u32 smem_s = smem_u32(smem);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
   const int g = lane >> 2, tid = lane & 3;
-  const int split = blockIdx.x, b = blockIdx.z;
+  // grid: (splits, KV heads x head groups, lanes), or heads first with `head_major`
+  const int split = head_major ? blockIdx.y : blockIdx.x, hy = head_major ? blockIdx.x : blockIdx.y;
+  const int b = blockIdx.z;
   const int r = n_heads / n_kv, n_hg = (r + 15) >> 4;
-  const int kvh = blockIdx.y / n_hg, hg = blockIdx.y - kvh * n_hg;
+  const int kvh = hy / n_hg, hg = hy - kvh * n_hg;
   const int h0 = kvh * r + hg * 16;
   const int nh = min(16, r - hg * 16);
   int n = seqlens[b];
@@ -423,9 +440,11 @@ __global__ void __launch_bounds__(128) decode_attn(
           const int lc = u * G_::CPU + c;
           const int ckk = u * 4 * G_::CPU + tid * G_::CPU + c;
           const uint4 qa = qf[(2 * lc) * 32 + lane], qb = qf[(2 * lc + 1) * 32 + lane];
-          u32 w0[4], w1[4];
-          decode_chunk<KIND, D>(raw0 + c * (G_::CB / 4), ckk, q0, gshift, w0);
-          decode_chunk<KIND, D>(raw1 + c * (G_::CB / 4), ckk, q1, gshift, w1);
+          u32 p0[4], p1[4], w0[4], w1[4];
+          pre_chunk<KIND, D>(raw0 + c * (G_::CB / 4), ckk, q0, gshift, p0);
+          pre_chunk<KIND, D>(raw1 + c * (G_::CB / 4), ckk, q1, gshift, p1);
+          pack_chunk<KIND>(p0, q0, w0);
+          pack_chunk<KIND>(p1, q1, w1);
           mma_bf16(sc[0], qa.x, qa.y, qa.z, qa.w, w0[0], w0[1]);
           mma_bf16(sc[0], qb.x, qb.y, qb.z, qb.w, w0[2], w0[3]);
           mma_bf16(sc[1], qa.x, qa.y, qa.z, qa.w, w1[0], w1[1]);
@@ -502,11 +521,11 @@ __global__ void __launch_bounds__(128) decode_attn(
           u32 raw[G_::CB / 4];
           const int cva = g + 8 * cA;
           lds<KIND, G_::CB>(vr[k] + po_v + cva * G_::CB, raw);
-          decode_chunk<KIND, D>(raw, cva, vq[k], gshift, VA[k]);
+          pre_chunk<KIND, D>(raw, cva, vq[k], gshift, VA[k]);
           if (D != 64) {
             const int cvb = g + 8 * cB;
             lds<KIND, G_::CB>(vr[k] + po_v + cvb * G_::CB, raw);
-            decode_chunk<KIND, D>(raw, cvb, vq[k], gshift, VB[k]);
+            pre_chunk<KIND, D>(raw, cvb, vq[k], gshift, VB[k]);
           }
         }
 #pragma unroll
@@ -515,10 +534,18 @@ __global__ void __launch_bounds__(128) decode_attn(
           const int pA = D == 64 ? mm : (mm & 7);
           const int pB = D == 64 ? mm + 4 : (mm & 7);
           const u32(&XB)[4][4] = D == 64 ? VA : VB;
-          const u32 a0 = pair_sel(VA[0][pA >> 1], VA[1][pA >> 1], pA & 1);
-          const u32 a1 = pair_sel(XB[0][pB >> 1], XB[1][pB >> 1], pB & 1);
-          const u32 a2 = pair_sel(VA[2][pA >> 1], VA[3][pA >> 1], pA & 1);
-          const u32 a3 = pair_sel(XB[2][pB >> 1], XB[3][pB >> 1], pB & 1);
+          u32 a0, a1, a2, a3;   // (key 2t, key 2t+1) or (key 2t+8, key 2t+9) at one d
+          if (KIND == KIND_BF16) {
+            a0 = pair_sel(VA[0][pA >> 1], VA[1][pA >> 1], pA & 1);
+            a1 = pair_sel(XB[0][pB >> 1], XB[1][pB >> 1], pB & 1);
+            a2 = pair_sel(VA[2][pA >> 1], VA[3][pA >> 1], pA & 1);
+            a3 = pair_sel(XB[2][pB >> 1], XB[3][pB >> 1], pB & 1);
+          } else {
+            a0 = pack_bf16x2(fin<KIND>(VA[0][pA >> 1], pA & 1, vq[0]), fin<KIND>(VA[1][pA >> 1], pA & 1, vq[1]));
+            a1 = pack_bf16x2(fin<KIND>(XB[0][pB >> 1], pB & 1, vq[0]), fin<KIND>(XB[1][pB >> 1], pB & 1, vq[1]));
+            a2 = pack_bf16x2(fin<KIND>(VA[2][pA >> 1], pA & 1, vq[2]), fin<KIND>(VA[3][pA >> 1], pA & 1, vq[3]));
+            a3 = pack_bf16x2(fin<KIND>(XB[2][pB >> 1], pB & 1, vq[2]), fin<KIND>(XB[3][pB >> 1], pB & 1, vq[3]));
+          }
 #pragma unroll
           for (int hh = 0; hh < NT; ++hh) mma_bf16(o[hh][mt], a0, a1, a2, a3, pb[hh][0], pb[hh][1]);
         }
