@@ -42,6 +42,29 @@ _PREFILL = _compile.Family("prefill_attention.cu", [
 ], exact=False)
 
 
+def _warm_one(args):
+    expr, arch = args
+    _compile._cached_cubin(_PREFILL, expr, arch)
+    return expr
+
+
+def warm_cache(arch: str, exprs=None, procs=None) -> int:
+    """Compile prefill instantiations into cukv's cubin cache in parallel processes (NVRTC only, no
+    GPU needed), so a test or benchmark session does not compile them one by one. Returns the count.
+    """
+    import concurrent.futures as cf  # noqa: PLC0415
+    import multiprocessing as mp  # noqa: PLC0415
+    import os  # noqa: PLC0415
+
+    exprs = list(_PREFILL.expressions if exprs is None else exprs)
+    if not exprs:
+        return 0
+    n = max(1, min(len(exprs), procs or os.cpu_count() or 1))
+    with cf.ProcessPoolExecutor(n, mp_context=mp.get_context("spawn")) as ex:
+        list(ex.map(_warm_one, [(e, arch) for e in exprs]))
+    return len(exprs)
+
+
 # ------------------------------------------------------------------------------------ checks
 class _Geom:
     __slots__ = ("layout", "B", "T_q", "N_H", "D", "N_KVH", "T_k", "capacity", "n_pages", "page_size",

@@ -185,31 +185,15 @@ class _Ctx:
             print(f"{'':18s} {rest}")
 
 
-def _warm_one(args):
-    expr, arch = args
-    from cukv import _compile  # noqa: PLC0415
-    from cukv import attention_prefill as ap  # noqa: PLC0415
-
-    _compile._cached_cubin(ap._PREFILL, expr, arch)
-    return expr
-
-
-def warm(procs=None, arch=None, only=None):
-    """Compile (NVRTC, into cukv's cubin cache) the prefill instantiations in parallel processes."""
-    import concurrent.futures as cf  # noqa: PLC0415
-    import multiprocessing as mp  # noqa: PLC0415
-
+def warm(procs=None, arch=None):
+    """Compile every prefill instantiation into cukv's cubin cache, in parallel processes."""
     from cukv import attention_prefill as ap  # noqa: PLC0415
 
     if arch is None:
         import cupy as cp  # noqa: PLC0415
 
         arch = "sm_" + cp.cuda.Device().compute_capability
-    exprs = [e for e in ap._PREFILL.expressions if only is None or only(e)]
-    with cf.ProcessPoolExecutor(procs or os.cpu_count(), mp_context=mp.get_context("spawn")) as ex:
-        for _ in ex.map(_warm_one, [(e, arch) for e in exprs]):
-            pass
-    return len(exprs)
+    return ap.warm_cache(arch, procs=procs)
 
 
 def main(argv=None):

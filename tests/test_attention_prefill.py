@@ -15,6 +15,24 @@ from helpers import BF16, activations, raises_arg, to_host
 OP = "prefill_attention"
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _warm_kernels():
+    """With a GPU, compile the kernels these tests use in parallel first (one NVRTC process per
+    instantiation into cukv's cubin cache) instead of one by one inside the tests."""
+    from cukv import _backend
+    from cukv import attention_prefill as ap
+
+    ok, _ = _backend.gpu_available()
+    if ok:
+        arch = "sm_" + _backend.cupy().cuda.Device().compute_capability
+        alt = {ap._fwd_expr(128, cfg, ap._LINEAR, 0) for cfg in ap.ALT_CONFIGS_128}
+        try:
+            ap.warm_cache(arch, [e for e in ap._PREFILL.expressions if e not in alt])
+        except Exception:  # noqa: BLE001  (a compile error then surfaces in the test that needs it)
+            pass
+    yield
+
+
 # ----------------------------------------------------------------------------------- data
 class Case:
     """One ragged batch with the same keys in packed, padded and paged form (host arrays).
