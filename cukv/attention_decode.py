@@ -22,7 +22,7 @@ _KIND = {"bf16": 0, "fp8": 1, "fp8_head": 1, "int4": 2}
 _STAGES = {0: 3, 1: 3, 2: 3}          # Geo<KIND, D>::STAGES in the .cu
 _SMEM_TARGET = 112 * 1024             # per CTA: two CTAs fit one H100 SM
 _MAX_AUTO_SPLITS = 128
-_TUNE: dict = {}                      # benchmark-only overrides: "nw", "smem_target", "head_major"
+_TUNE: dict = {}                      # tuning overrides (benchmarks only): nw, smem_target, head_major, occ
 
 _FAMILY = _compile.Family("decode_attention.cu", [
     *(_compile.expression("decode_attn", k, d, nt) for k in (0, 1, 2) for d in HEAD_DIMS for nt in (1, 2)),
@@ -226,9 +226,13 @@ def config(p: Plan, num_splits: int | None = None) -> Config:
     kernel = _FAMILY.kernel("decode_attn", _KIND[g.kind], p.D, 1 if r <= 8 else 2)
     S = num_splits if num_splits is not None else p.num_splits
     if S is None:
+        # CTAs the chip should hold at once: one per SM for bf16 (memory-bound: one CTA of 4 warps
+        # streams fast enough), two for the dequantizing kinds (more warps hide their arithmetic),
+        # fewer if shared memory or registers allow less (H100 sweeps, scripts/bench_decode.py).
         regs = max(1, int(getattr(kernel, "num_regs", 128) or 128))
         per_warp = -(-regs * 32 // 256) * 256
         occ = max(1, min(smem_sm // (smem + 1024), 65536 // (per_warp * nw), 32))
+        occ = min(occ, _TUNE.get("occ", 1 if g.kind == "bf16" else 2))
         S = auto_splits(p.B * g.n_kv_heads * n_hg, g.capacity, n_sm, occ)
     return Config(kernel=kernel, nw=nw, smem=smem, num_splits=S, n_hg=n_hg, pad=pad, hdr=hdr, sK=sK, sV=sV,
                   stage_bytes=stage_bytes, warp_bytes=warp_bytes)
@@ -280,7 +284,10 @@ def run(p: Plan, *, partials: bool = False, dots: bool = False, num_splits: int 
     fast = (all(v % 16 == 0 for v in outer) and all(v % 4 == 0 for v in (R_bytes, cs2, pk, pv))
             and (kind != "bf16" or all(v % 16 == 0 for v in (cs2, pk, pv))))
     use_parts = partials or S > 1
-    hm = int(_TUNE.get("head_major", 0)) and S <= 65535
+    # split-major grids put the splits of one head next to each other; head-major (the default when
+    # there are splits) schedules the KV heads of one key range together, which reads the cache rows
+    # of a position range at about the same time (slightly faster at batch 1 on H100).
+    hm = int(_TUNE.get("head_major", S > 1)) and S <= 65535
     pa = cp.empty((B, S, NH, D), np.float32) if use_parts else None
     pm = cp.empty((B, 2, S, NH), np.float32) if use_parts else None
     dt = cp.zeros((B, NH, g.capacity), np.float32) if dots else None

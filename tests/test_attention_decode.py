@@ -174,6 +174,26 @@ def test_grid_vs_float64(gpu, rng, fmt, D, ratio, paged, splits, page_size):
     check_attention(out, lse, O64, lse64, f"{fmt} D={D} r={ratio} paged={paged} splits={splits}")
 
 
+@pytest.mark.parametrize("fmt,D,paged", [("fp8", 128, False), ("fp8", 64, True), ("int4:g1", 128, True),
+                                         ("int4:g2", 64, False), ("fp8_ext", 256, False)])
+def test_unaligned_rows_fast_copy(gpu, rng, fmt, D, paged):
+    """Four KV heads of 4-byte-aligned rows: every row of a head sits at the same address mod 16,
+    so the kernel copies whole 16-byte blocks plus 4-byte edges (heads at offsets 0, 4, 8, 12)."""
+    c = Case(rng, fmt, D, 2, (1, 129, 700), paged=paged, page_size=16, n_kv=4)
+    out, lse = cukv.decode_attention(*c.args(gpu), return_lse=True, **c.kw(gpu))
+    O64, lse64 = c.exact()
+    check_attention(out, lse, O64, lse64, f"{fmt} D={D} paged={paged}")
+
+
+@pytest.mark.parametrize("fmt", ["bf16", "int4:g8"])
+def test_more_than_16_heads_per_kv_head(gpu, rng, fmt):
+    """MQA with 32 query heads: two head groups of 16 read the single KV head."""
+    c = Case(rng, fmt, 64, 32, (0, 77, 300), n_kv=1)
+    out, lse = cukv.decode_attention(*c.args(gpu), return_lse=True, num_splits=2, **c.kw(gpu))
+    O64, lse64 = c.exact()
+    check_attention(out, lse, O64, lse64, f"MQA-32 {fmt}")
+
+
 def test_numpy_path_matches_reference(rng):
     c = Case(rng, "int4:g2", 64, 4, (0, 3, 50), paged=True, page_size=7)
     out, lse = cukv.decode_attention(*c.args(np), return_lse=True, **c.kw(np))

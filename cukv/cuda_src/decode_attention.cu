@@ -15,8 +15,11 @@
 //   bf16 [2D bytes] | fp8 [scale f16, shift f16][D e4m3] or [D e4m3] | int4 [G x (scale, shift) f16][D/2].
 //
 // Algorithm. Each warp of the CTA owns the 16-key blocks w, w+nw, ... of the split and streams them
-// through its own STAGES-deep ring of shared-memory slots with cp.async (16/8/4-byte pieces, chosen
-// by the host from the alignment; a plain byte copy otherwise). Rows that must not be read (past the
+// through its own STAGES-deep ring of shared-memory slots with cp.async. Fast copy (`fast`, the usual
+// case: every row of a head sits at the same address mod 16): 8 lanes per row, 16-byte pieces between
+// the row's 16-byte boundaries and 4-byte pieces at its ends, so exactly the row's bytes are read and
+// the row lands at its address mod 16 in its slot. Generic copy: uniform 16/8/4-byte pieces (or bytes)
+// chosen by the host from the strides and base addresses. Rows that must not be read (past the
 // split, or behind an out-of-range page id) are zero-filled, never loaded, and masked to -inf. Shared
 // memory does not depend on the sequence length. Per block:
 //   S[h, t] = Q K^T with mma.m16n8k16 (A = q, 16 head rows; B = K^T, two n-tiles of 8 keys). The
@@ -35,6 +38,8 @@
 //   fp8_head RN_bf16(RN_f32(E4M3^-1(q)*s))               (an fma with -0 as addend is that product)
 //   int4     RN_bf16(RN_f16(q*scale + shift))            (one f16x2 fma)
 // e4m3 -> f16 uses the sm_89+ cvt.rn.f16x2.e4m3x2 (exact), with common.cuh's integer decoder below.
+// Values reach the tensor cores as fp16 pre-values (exact e4m3 values / the int4 fp16 result), then
+// fp32 (exact), then one RN to bf16 while packing: K packs a key's neighbours, V packs two keys.
 #include "common.cuh"
 
 #define KIND_BF16 0
