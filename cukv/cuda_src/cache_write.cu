@@ -95,6 +95,22 @@ __device__ __forceinline__ void store_bf16x8_rt(u16* p, const float (&f)[8], boo
   else store_bf16x8<false>(p, f);
 }
 
+#ifndef CW_STREAM
+#define CW_STREAM 0         // 1: xq_out stored with st.global.cs (evict-first)
+#endif
+// xq_out rows: written once, never read by this kernel.
+__device__ __forceinline__ void store_out8(u16* p, const float (&f)[8], bool vec) {
+#if CW_STREAM
+  if (vec) {
+    asm volatile("st.global.cs.v4.u32 [%0], {%1, %2, %3, %4};" ::"l"(p), "r"(pack_bf16x2(f[0], f[1])),
+                 "r"(pack_bf16x2(f[2], f[3])), "r"(pack_bf16x2(f[4], f[5])), "r"(pack_bf16x2(f[6], f[7]))
+                 : "memory");
+    return;
+  }
+#endif
+  store_bf16x8_rt(p, f, vec);
+}
+
 // Rotate (and xPos-scale) the lane's 8 elements starting at element e0 (SPEC §4.3-§4.4).
 template <int W>
 __device__ __forceinline__ void rotate8(float (&y)[8], int e0, bool interleaved, bool xpos,
@@ -149,7 +165,10 @@ template <int W>
 __device__ __forceinline__ void qk_norm8(float (&y)[8], float eps) {
   double ss = 0.0;
 #pragma unroll
-  for (int k = 0; k < 8; ++k) ss = __dadd_rn(ss, __dmul_rn((double)y[k], (double)y[k]));
+  for (int k = 0; k < 8; ++k) {
+    const double v = (double)y[k];
+    ss = __fma_rn(v, v, ss);   // v*v is exact in float64, so this is RN(RN(v*v) + ss): no contraction
+  }
   ss = team_sum_f64<W>(ss);
   const float ms = __double2float_rn(__dmul_rn(ss, 1.0 / (8 * W)));   // D is a power of two: exact
   const float r = __frcp_rn(__fsqrt_rn(__fadd_rn(ms, eps)));
@@ -317,7 +336,7 @@ __global__ void __launch_bounds__(CW_BLOCK, CW_MINB) write_kv(
           if (norm) qk_norm8<W>(y[0], eps);
         }
         if (kind == 0) {
-          store_bf16x8_rt(out + ((i64)i * n_h + r) * D + e0, y[0], vin);
+          store_out8(out + ((i64)i * n_h + r) * D + e0, y[0], vin);
           if (flags & CW_Q_BACK) store_bf16x8_rt(xq + (i64)i * xq_t + (i64)r * xq_h + e0, y[0], vin);
           if (FMT == FMT_FP8_HEAD && amax) amax_row<W>(amax + (i64)b * amax_cols + r, y[0], lane);
           continue;
