@@ -142,17 +142,21 @@ def _device_info(cp) -> tuple[int, int, int]:
     return info
 
 
-def auto_splits(base_ctas: int, capacity: int, n_sm: int, ctas_per_sm: int) -> int:
-    """``num_splits=None``: the smallest split count whose CTAs fill the chip's CTA slots evenly.
+def auto_splits(base_ctas: int, capacity: int, n_sm: int, ctas_per_sm: int, *, dequant: bool = False) -> int:
+    """``num_splits=None``: a split count that keeps the whole GPU busy, also at batch 1.
 
-    ``base_ctas`` = lanes x KV heads x head groups. With ``slots = n_sm * ctas_per_sm``, a split count
-    is accepted when ``ctas / (ceil(ctas / slots) * slots) >= 0.9`` (the last wave is nearly full);
-    splits keep at least 256 keys of capacity each.
+    ``base_ctas`` = lanes x KV heads x head groups. With ``slots = n_sm * ctas_per_sm``, the smallest
+    split count whose CTAs fill the slots evenly (``ctas / (ceil(ctas / slots) * slots) >= 0.9``) is
+    taken; splits keep at least 256 keys of capacity each. The dequantizing kinds (``dequant``) are
+    arithmetic-heavy and, once the chip holds two waves of CTAs, run best with about eight CTAs per SM
+    in total (H100 sweeps in ``scripts/bench_decode.py``).
     """
     if base_ctas <= 0:
         return 1
-    slots = max(1, n_sm * max(1, ctas_per_sm))
     s_max = max(1, min(_MAX_AUTO_SPLITS, capacity // 256))
+    if dequant and base_ctas >= 2 * n_sm:
+        return max(1, min(s_max, round(8 * n_sm / base_ctas)))
+    slots = max(1, n_sm * max(1, ctas_per_sm))
     best, best_eff = 1, -1.0
     for s in range(1, s_max + 1):
         ctas = base_ctas * s
@@ -233,7 +237,7 @@ def config(p: Plan, num_splits: int | None = None) -> Config:
         per_warp = -(-regs * 32 // 256) * 256
         occ = max(1, min(smem_sm // (smem + 1024), 65536 // (per_warp * nw), 32))
         occ = min(occ, _TUNE.get("occ", 1 if g.kind == "bf16" else 2))
-        S = auto_splits(p.B * g.n_kv_heads * n_hg, g.capacity, n_sm, occ)
+        S = auto_splits(p.B * g.n_kv_heads * n_hg, g.capacity, n_sm, occ, dequant=g.kind != "bf16")
     return Config(kernel=kernel, nw=nw, smem=smem, num_splits=S, n_hg=n_hg, pad=pad, hdr=hdr, sK=sK, sV=sV,
                   stage_bytes=stage_bytes, warp_bytes=warp_bytes)
 

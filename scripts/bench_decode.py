@@ -9,7 +9,9 @@ of cukv's ``[B, T, N_KVH, D]``, and the faster of the two is the reference time.
 ``x_sdpa`` = cukv ms / SDPA ms (issue-5 bar: fp8 <= 0.6, int4:g4 <= 0.4, bf16 <= 1.1) and the split
 count chosen.
 
-Standalone: ``python scripts/bench_decode.py`` (prints, writes nothing).
+Standalone: ``python scripts/bench_decode.py`` (prints, writes nothing). ``CUKV_BENCH_SWEEP=1`` also
+prints both SDPA layouts and a sweep of warps per CTA x split counts (the data behind
+``attention_decode.auto_splits``).
 """
 from __future__ import annotations
 
