@@ -117,7 +117,9 @@ def quantize(x, fmt, *, external_qparams=False, scale=None):
     k = _CODEC.kernel("quantize_rows", IN_TYPES[x.dtype], fcode, G, W, V)
     vec = _aligned(x, 16) and _aligned(out, 16 if kind == "bf16" else 4)
     row_stride = out.itemsize * R   # bytes per output row
-    _compile.launch(k, (-(-n * W // _BLOCK),), (_BLOCK,),
+    rows_per_team = 2 if V <= 2 else 1          # CUKV_CODEC_ROWS(V) in codec.cu
+    teams = -(-n // rows_per_team)
+    _compile.launch(k, (-(-teams * W // _BLOCK),), (_BLOCK,),
                     (x, _compile.i64(n), _compile.i32(D), out, _compile.i32(row_stride), words, srow,
                      _compile.i32(vec)))
     return _mark_codes((out, words) if external_qparams else out, kind, external_qparams)

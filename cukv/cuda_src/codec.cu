@@ -8,25 +8,40 @@
 // 4/16-byte (output) accesses; the host sets it when every base pointer is aligned for them.
 #include "rows.cuh"
 
+// Each team encodes CUKV_CODEC_ROWS(V) consecutive rows: all their loads are issued before the first
+// reduction, so more bytes are in flight and two shuffle chains interleave.
+#define CUKV_CODEC_ROWS(V) ((V) <= 2 ? 2 : 1)
+
 template <typename InT, int FMT, int G, int W, int V>
 __global__ void quantize_rows(const InT* __restrict__ x, i64 n_rows, int D, u8* __restrict__ out, int R,
                               int* __restrict__ words, const float* __restrict__ scale, int vec) {
-  const i64 row = ((i64)blockIdx.x * blockDim.x + threadIdx.x) / W;
+  constexpr int NR = CUKV_CODEC_ROWS(V);
+  const i64 row0 = ((i64)blockIdx.x * blockDim.x + threadIdx.x) / W * NR;
   const int lane = threadIdx.x % W;
-  if (row >= n_rows) return;  // whole teams leave together (team_mask keeps the others going)
-  const InT* src = x + row * (i64)D;
-  float y[V][8];
-#pragma unroll CUKV_UNROLL_V
-  for (int c = 0; c < V; ++c) {
-    if (!chunk_valid<W>(c, lane, D)) continue;
-    if (vec) Chunk<InT, true>::load(src + chunk_elem<W>(c, lane), y[c]);
-    else Chunk<InT, false>::load(src + chunk_elem<W>(c, lane), y[c]);
+  if (row0 >= n_rows) return;  // whole teams leave together (team_mask keeps the others going)
+  float y[NR][V][8];
+#pragma unroll
+  for (int r = 0; r < NR; ++r) {
+    const i64 row = row0 + r;
+    if (row >= n_rows) break;
+    const InT* src = x + row * (i64)D;
+#pragma unroll (V <= 4 ? V : 1)
+    for (int c = 0; c < V; ++c) {
+      if (!chunk_valid<W>(c, lane, D)) continue;
+      if (vec) Chunk<InT, true>::load(src + chunk_elem<W>(c, lane), y[r][c]);
+      else Chunk<InT, false>::load(src + chunk_elem<W>(c, lane), y[r][c]);
+    }
   }
-  u8* dst = out + row * (i64)R;
-  int* w = words ? words + row : nullptr;
-  const float inv = FMT == FMT_FP8_HEAD ? __frcp_rn(scale[row]) : 0.0f;
-  if (vec) encode_row<FMT, G, W, V, true>(y, D, lane, dst, w, inv);
-  else encode_row<FMT, G, W, V, false>(y, D, lane, dst, w, inv);
+#pragma unroll
+  for (int r = 0; r < NR; ++r) {
+    const i64 row = row0 + r;
+    if (row >= n_rows) break;  // uniform over the team
+    u8* dst = out + row * (i64)R;
+    int* w = words ? words + row : nullptr;
+    const float inv = FMT == FMT_FP8_HEAD ? __frcp_rn(scale[row]) : 0.0f;
+    if (vec) encode_row<FMT, G, W, V, true>(y[r], D, lane, dst, w, inv);
+    else encode_row<FMT, G, W, V, false>(y[r], D, lane, dst, w, inv);
+  }
 }
 
 template <int FMT, int G, int W, int V>
@@ -43,7 +58,7 @@ __global__ void dequantize_rows(const u8* __restrict__ rows, i64 n_rows, int D, 
   if (vec) decode_row<FMT, G, W, V, true>(src, w, s, D, lane, x);
   else decode_row<FMT, G, W, V, false>(src, w, s, D, lane, x);
   u16* dst = out + row * (i64)D;
-#pragma unroll CUKV_UNROLL_V
+#pragma unroll (V <= 4 ? V : 1)
   for (int c = 0; c < V; ++c) {
     if (!chunk_valid<W>(c, lane, D)) continue;
     if (vec) store_bf16x8<true>(dst + chunk_elem<W>(c, lane), x[c]);

@@ -21,9 +21,9 @@ struct bf16_t { u16 bits; };
 struct f16_t { u16 bits; };
 
 #define CUKV_FULL_MASK 0xffffffffu
-// Loops over a lane's V chunks unroll fully up to 4 chunks (rows of up to 1024 elements, every KV head
-// size); longer rows keep the loop, so compile time stays bounded and the rare long row still works.
-#define CUKV_UNROLL_V (V <= 4 ? V : 1)
+// Loops over a lane's V chunks are written `#pragma unroll (V <= 4 ? V : 1)`: fully unrolled up to 4
+// chunks (rows of up to 1024 elements, every KV head size); longer rows keep the loop, so compile time
+// stays bounded and the rare long row still works.
 #define CUKV_S_MIN (1.0f / 229376.0f)   // RN_f32(1/229376): the smallest FP8 scale (SPEC §1.1)
 
 // ------------------------------------------------------------------------------------ conversions
@@ -61,10 +61,12 @@ __device__ __forceinline__ u16 f16_fma(u16 a, u16 b, u16 c) {
   return r;
 }
 
-// Small unsigned integer (0..15) -> fp16 bits, exact.
+// Small unsigned integer (0..15) -> fp16 bits, exact: (1024 + q) - 1024 in fp16 (1024 + q is exact,
+// the difference is exact), on the fp16 pipe instead of the slower int -> float conversion unit.
 __device__ __forceinline__ u16 u4_to_f16(u32 q) {
   u16 r;
-  asm("cvt.rn.f16.u32 %0, %1;" : "=h"(r) : "r"(q));
+  const u16 a = (u16)(0x6400u | q), k = (u16)0x6400u;
+  asm("sub.rn.f16 %0, %1, %2;" : "=h"(r) : "h"(a), "h"(k));
   return r;
 }
 
@@ -100,13 +102,22 @@ __device__ __forceinline__ float e4m3_to_f32(u32 c) {
   const u32 m = c & 0x7fu;
   const u32 sign = (c & 0x80u) << 24;
   if (m == 0x7fu) return __uint_as_float(sign | 0x7fc00000u);
-  const float v = m >= 8u ? __uint_as_float((m << 20) + (120u << 23)) : (float)m * 0x1p-9f;
+  // subnormal m * 2^-9 = 2^-6 * (1 + m/8) - 2^-6: an exact subtraction (Sterbenz), no int -> float cvt
+  const float v = m >= 8u ? __uint_as_float((m << 20) + (120u << 23))
+                          : __fsub_rn(__uint_as_float((m << 20) + (121u << 23)), 0x1p-6f);
   return __uint_as_float(__float_as_uint(v) | sign);
 }
 
-// NaN-propagating clamp to [-448, 448] (comparisons are false for NaN; fminf/fmaxf would drop it).
-__device__ __forceinline__ float clamp448(float v) {
-  return v > 448.0f ? 448.0f : (v < -448.0f ? -448.0f : v);
+// Two floats -> two e4m3fn codes (lo in bits 0-7, hi in bits 8-15), bit-identical to f32_to_e4m3 of
+// each: on sm_89+ one hardware cvt (round to nearest even, saturating, NaN -> 0x7F).
+__device__ __forceinline__ u32 f32x2_to_e4m3x2(float lo, float hi) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
+  u16 r;
+  asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(r) : "f"(hi), "f"(lo));
+  return (u32)r;
+#else
+  return f32_to_e4m3(lo) | (f32_to_e4m3(hi) << 8);
+#endif
 }
 
 __device__ __forceinline__ bool is_finite(float v) {

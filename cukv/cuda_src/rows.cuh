@@ -34,14 +34,20 @@ __device__ __forceinline__ bool chunk_valid(int c, int lane, int D) { return (c 
 template <int W>
 __device__ __forceinline__ int chunk_elem(int c, int lane) { return (c * W + lane) * 8; }
 
+// Non-finite detector: acc stays +-0 while every v is finite and becomes NaN (sticky) once one is not
+// (finite * 0 = +-0, inf * 0 = NaN): one fma per element instead of a compare and an or.
+__device__ __forceinline__ float nonfinite_acc(float acc, float v) { return __fmaf_rn(v, 0.0f, acc); }
+
+// E4M3(clamp(v, +-448)) for 4 values: the encoders saturate |v| >= 448 (and +-inf) to +-448 and map
+// NaN to 0x7F, so the clamp of SPEC §2.3/§2.4 needs no instruction of its own.
 __device__ __forceinline__ u32 pack4_e4m3(float a, float b, float c, float d) {
-  return f32_to_e4m3(a) | (f32_to_e4m3(b) << 8) | (f32_to_e4m3(c) << 16) | (f32_to_e4m3(d) << 24);
+  return f32x2_to_e4m3x2(a, b) | (f32x2_to_e4m3x2(c, d) << 16);
 }
 
 // ----------------------------------------------------------------------------------------- bf16
 template <int W, int V, bool VEC>
 __device__ __forceinline__ void encode_bf16_row(const float (&y)[V][8], int D, int lane, u16* row) {
-#pragma unroll CUKV_UNROLL_V
+#pragma unroll (V <= 4 ? V : 1)
   for (int c = 0; c < V; ++c)
     if (chunk_valid<W>(c, lane, D)) store_bf16x8<VEC>(row + chunk_elem<W>(c, lane), y[c]);
 }
@@ -51,21 +57,21 @@ __device__ __forceinline__ void encode_bf16_row(const float (&y)[V][8], int D, i
 template <int W, int V, bool VEC>
 __device__ __forceinline__ void encode_fp8_row(const float (&y)[V][8], int D, int lane, u8* row,
                                                int* word) {
-  float mn = __int_as_float(0x7f800000), mx = -__int_as_float(0x7f800000);
-  u32 bad = 0;
-#pragma unroll CUKV_UNROLL_V
+  float mn = __int_as_float(0x7f800000), mx = -__int_as_float(0x7f800000), nf = 0.0f;
+#pragma unroll (V <= 4 ? V : 1)
   for (int c = 0; c < V; ++c)
     if (chunk_valid<W>(c, lane, D))
 #pragma unroll
       for (int k = 0; k < 8; ++k) {
-        bad |= !is_finite(y[c][k]);
+        nf = nonfinite_acc(nf, y[c][k]);
         mn = fminf(mn, y[c][k]);
         mx = fmaxf(mx, y[c][k]);
       }
+  u32 bad = nf != nf;
   mn = team_min<W>(mn);
   mx = team_max<W>(mx);
   bad = team_or<W>(bad);
-  float h = __fdiv_rn(__fsub_rn(mx, mn), 2.0f);
+  float h = __fmul_rn(__fsub_rn(mx, mn), 0.5f);  // == RN(RN(mx - mn) / 2): halving is exact scaling
   h = h < 32750.0f ? h : 32750.0f;
   float s = __fdiv_rn(h, 448.0f);
   s = s > CUKV_S_MIN ? s : CUKV_S_MIN;
@@ -73,12 +79,12 @@ __device__ __forceinline__ void encode_fp8_row(const float (&y)[V][8], int D, in
   const float inv = __frcp_rn(s);
   const u32 w = bad ? CUKV_NAN_WORD : ((u32)f32_to_f16(s) | ((u32)f32_to_f16(z) << 16));
   u8* codes = row + (word ? 0 : 4);
-#pragma unroll CUKV_UNROLL_V
+#pragma unroll (V <= 4 ? V : 1)
   for (int c = 0; c < V; ++c) {
     if (!chunk_valid<W>(c, lane, D)) continue;
     float q[8];
 #pragma unroll
-    for (int k = 0; k < 8; ++k) q[k] = clamp448(__fmul_rn(__fsub_rn(y[c][k], z), inv));
+    for (int k = 0; k < 8; ++k) q[k] = __fmul_rn(__fsub_rn(y[c][k], z), inv);  // encoder saturates
     u32 lo = pack4_e4m3(q[0], q[1], q[2], q[3]), hi = pack4_e4m3(q[4], q[5], q[6], q[7]);
     if (bad) lo = hi = 0x7f7f7f7fu;
     store_u8x8<VEC>(codes + chunk_elem<W>(c, lane), lo, hi);
@@ -94,12 +100,12 @@ __device__ __forceinline__ void encode_fp8_row(const float (&y)[V][8], int D, in
 template <int W, int V, bool VEC>
 __device__ __forceinline__ void encode_fp8_head_row(const float (&y)[V][8], int D, int lane, u8* row,
                                                     float inv) {
-#pragma unroll CUKV_UNROLL_V
+#pragma unroll (V <= 4 ? V : 1)
   for (int c = 0; c < V; ++c) {
     if (!chunk_valid<W>(c, lane, D)) continue;
     float q[8];
 #pragma unroll
-    for (int k = 0; k < 8; ++k) q[k] = clamp448(__fmul_rn(y[c][k], inv));
+    for (int k = 0; k < 8; ++k) q[k] = __fmul_rn(y[c][k], inv);  // encoder clamps to +-448, keeps NaN
     store_u8x8<VEC>(row + chunk_elem<W>(c, lane), pack4_e4m3(q[0], q[1], q[2], q[3]),
                     pack4_e4m3(q[4], q[5], q[6], q[7]));
   }
@@ -108,25 +114,117 @@ __device__ __forceinline__ void encode_fp8_head_row(const float (&y)[V][8], int 
 // ----------------------------------------------------------------------------------------- int4
 // Grouped asymmetric INT4 (SPEC §2.5). Group size gs = D/G. When gs % 8 == 0 every chunk lies in one
 // group (the common case); otherwise the group is looked up per element.
-template <int G>
-__device__ __forceinline__ void int4_select(int g, const float (&mn)[G], const double (&inv)[G],
-                                            const u32 (&bad)[G], float& gmn, double& ginv, u32& gbad) {
-  gmn = mn[0]; ginv = inv[0]; gbad = bad[0];
-#pragma unroll
-  for (int j = 1; j < G; ++j)
-    if (g == j) { gmn = mn[j]; ginv = inv[j]; gbad = bad[j]; }
+// q = round_half_even(RN_f32(RN_f64(f64(RN_f32(y - mn)) * inv))) & 0xF with
+// inv = RN_f64(15 / RN_f64(RN_f64(15 * s) + 1e-8)) (SPEC §2.5).
+//
+// Fast path, in fp32: inv32 = 15 * rcp(15 s + 1e-8) has a relative error below 2^-22, so
+// p = RN(d * inv32) lies within 2^-17 of the spec's v (|d * inv| <= ~15). Away from half-integers
+// rint(p) == rint(v); within 2^-12 of one (rare), or for NaN, int4_code_exact runs the spec's float64
+// formula. Rounding to an integer uses the 1.5 * 2^23 magic addition (round half to even).
+struct Int4Group {
+  float mn, s, inv32;
+};
+
+__device__ __forceinline__ Int4Group int4_group(float mn, float mx) {
+  Int4Group g;
+  g.mn = mn;
+  g.s = __fdiv_rn(__fsub_rn(mx, mn), 15.0f);
+  g.inv32 = 15.0f * __frcp_rn(__fmaf_rn(15.0f, g.s, 1e-8f));
+  return g;
 }
 
-__device__ __forceinline__ u32 int4_code(float y, float mn, double inv) {
-  const float d = __fsub_rn(y, mn);
+__device__ __noinline__ u32 int4_code_exact(float d, float s) {
+  const double inv = __ddiv_rn(15.0, __dadd_rn(__dmul_rn(15.0, (double)s), 1e-8));
   const float v = __double2float_rn(__dmul_rn((double)d, inv));
   return (u32)__float2int_rn(v) & 0xfu;
+}
+
+// Eight codes of one chunk, packed (element k in bits 4k..4k+3).
+__device__ __forceinline__ u32 int4_codes8(const float (&y)[8], const Int4Group& g) {
+  u32 packed = 0, slow = 0;
+#pragma unroll
+  for (int k = 0; k < 8; ++k) {
+    const float p = __fmul_rn(__fsub_rn(y[k], g.mn), g.inv32);
+    const float t = __fadd_rn(p, 12582912.0f);
+    const float dist = fabsf(__fsub_rn(p, __fsub_rn(t, 12582912.0f)));
+    packed |= (__float_as_uint(t) & 0xfu) << (4 * k);
+    slow |= (dist < 0.5f - 0x1p-12f ? 0u : 1u) << k;
+  }
+  if (slow) {  // unrolled: a run-time index into y would move the row to local memory
+#pragma unroll
+    for (int k = 0; k < 8; ++k)
+      if ((slow >> k) & 1u)
+        packed = (packed & ~(0xfu << (4 * k))) | (int4_code_exact(__fsub_rn(y[k], g.mn), g.s) << (4 * k));
+  }
+  return packed;
+}
+
+// One code (the general path, groups not aligned to chunks): the same fast path and fallback.
+__device__ __forceinline__ u32 int4_code1(float y, const Int4Group& g) {
+  const float d = __fsub_rn(y, g.mn);
+  const float p = __fmul_rn(d, g.inv32);
+  const float t = __fadd_rn(p, 12582912.0f);
+  const float dist = fabsf(__fsub_rn(p, __fsub_rn(t, 12582912.0f)));
+  return dist < 0.5f - 0x1p-12f ? (__float_as_uint(t) & 0xfu) : int4_code_exact(d, g.s);
+}
+
+__device__ __forceinline__ u32 int4_word(float s, float mn, u32 bad) {
+  return bad ? (CUKV_NAN_HALF | (CUKV_NAN_HALF << 16)) : ((u32)f32_to_f16(s) | ((u32)f32_to_f16(mn) << 16));
+}
+
+// Min / max / or over an aligned sub-team of `sw` lanes (a power of two <= W); `sw` is uniform over
+// the team, so every lane of the team runs the same shuffles.
+template <int W>
+__device__ __forceinline__ void subteam_stats(float& mn, float& mx, u32& bad, int sw) {
+  const u32 m = team_mask<W>();
+#pragma unroll
+  for (int o = W / 2; o > 0; o >>= 1) {
+    if (o < sw) {
+      mn = fminf(mn, __shfl_xor_sync(m, mn, o));
+      mx = fmaxf(mx, __shfl_xor_sync(m, mx, o));
+      bad |= __shfl_xor_sync(m, bad, o);
+    }
+  }
+}
+
+// Fast path: every group is gs/8 = sw consecutive chunks held by an aligned sub-team of sw lanes
+// (sw a power of two <= W). Each lane reduces its chunk, the sub-team combines, and each lane encodes
+// with its own group's parameters; the first lane of each group writes the group's word.
+template <int W, int V, bool VEC>
+__device__ __forceinline__ void encode_int4_row_subteam(const float (&y)[V][8], int D, int lane, u8* row,
+                                                        int G, int sw) {
+  u8* nib = row + 4 * G;
+#pragma unroll (V <= 4 ? V : 1)
+  for (int c = 0; c < V; ++c) {
+    const bool valid = chunk_valid<W>(c, lane, D);
+    float mn = __int_as_float(0x7f800000), mx = -__int_as_float(0x7f800000), nf = 0.0f;
+    if (valid) {
+#pragma unroll
+      for (int k = 0; k < 8; ++k) {
+        nf = nonfinite_acc(nf, y[c][k]);
+        mn = fminf(mn, y[c][k]);
+        mx = fmaxf(mx, y[c][k]);
+      }
+    }
+    u32 bad = nf != nf;
+    subteam_stats<W>(mn, mx, bad, sw);
+    if (!valid) continue;
+    const Int4Group g = int4_group(mn, mx);
+    const int e = chunk_elem<W>(c, lane);
+    store_u32<VEC>(nib + e / 2, bad ? 0u : int4_codes8(y[c], g));
+    if ((lane & (sw - 1)) == 0) store_u32<VEC>(row + 4 * ((c * W + lane) / sw), int4_word(g.s, mn, bad));
+  }
 }
 
 template <int W, int V, int G, bool VEC>
 __device__ __forceinline__ void encode_int4_row(const float (&y)[V][8], int D, int lane, u8* row) {
   const int gs = D / G;
   const bool aligned = (gs & 7) == 0;
+  const int sw = gs >> 3;
+  if (G > 1 && aligned && sw <= W && (sw & (sw - 1)) == 0) {   // G == 1: the team path below
+    encode_int4_row_subteam<W, V, VEC>(y, D, lane, row, G, sw);
+    return;
+  }
   float mn[G], mx[G];
   u32 bad[G];
 #pragma unroll
@@ -135,7 +233,7 @@ __device__ __forceinline__ void encode_int4_row(const float (&y)[V][8], int D, i
     mx[g] = -__int_as_float(0x7f800000);
     bad[g] = 0;
   }
-#pragma unroll CUKV_UNROLL_V
+#pragma unroll (V <= 4 ? V : 1)
   for (int c = 0; c < V; ++c) {
     if (!chunk_valid<W>(c, lane, D)) continue;
     const int e = chunk_elem<W>(c, lane);
@@ -153,42 +251,45 @@ __device__ __forceinline__ void encode_int4_row(const float (&y)[V][8], int D, i
         }
     }
   }
-  double inv[G];
-  u32 w[G];
+  Int4Group grp[G];
 #pragma unroll
   for (int g = 0; g < G; ++g) {
     mn[g] = team_min<W>(mn[g]);
     mx[g] = team_max<W>(mx[g]);
     bad[g] = team_or<W>(bad[g]);
-    const float s = __fdiv_rn(__fsub_rn(mx[g], mn[g]), 15.0f);
-    inv[g] = __ddiv_rn(15.0, __dadd_rn(__dmul_rn(15.0, (double)s), 1e-8));
-    w[g] = bad[g] ? (CUKV_NAN_HALF | (CUKV_NAN_HALF << 16))
-                  : ((u32)f32_to_f16(s) | ((u32)f32_to_f16(mn[g]) << 16));
+    grp[g] = int4_group(mn[g], mx[g]);
   }
   u8* nib = row + 4 * G;
-#pragma unroll CUKV_UNROLL_V
+#pragma unroll (V <= 4 ? V : 1)
   for (int c = 0; c < V; ++c) {
     if (!chunk_valid<W>(c, lane, D)) continue;
     const int e = chunk_elem<W>(c, lane);
     u32 packed = 0;
-    if (aligned) {
-      float gmn; double ginv; u32 gbad;
-      int4_select<G>(G == 1 ? 0 : e / gs, mn, inv, bad, gmn, ginv, gbad);
+    if (G == 1 || aligned) {
+      const int g0 = G == 1 ? 0 : e / gs;
+      Int4Group sel = grp[0];
+      u32 sbad = bad[0];
 #pragma unroll
-      for (int k = 0; k < 8; ++k) packed |= (gbad ? 0u : int4_code(y[c][k], gmn, ginv)) << (4 * k);
+      for (int j = 1; j < G; ++j)
+        if (g0 == j) { sel = grp[j]; sbad = bad[j]; }
+      packed = sbad ? 0u : int4_codes8(y[c], sel);
     } else {
 #pragma unroll
       for (int k = 0; k < 8; ++k) {
-        float gmn; double ginv; u32 gbad;
-        int4_select<G>((e + k) / gs, mn, inv, bad, gmn, ginv, gbad);
-        packed |= (gbad ? 0u : int4_code(y[c][k], gmn, ginv)) << (4 * k);
+        const int gk = (e + k) / gs;
+        Int4Group sel = grp[0];
+        u32 sbad = bad[0];
+#pragma unroll
+        for (int j = 1; j < G; ++j)
+          if (gk == j) { sel = grp[j]; sbad = bad[j]; }
+        packed |= (sbad ? 0u : int4_code1(y[c][k], sel)) << (4 * k);
       }
     }
     store_u32<VEC>(nib + e / 2, packed);
   }
   if (lane == 0) {
 #pragma unroll
-    for (int g = 0; g < G; ++g) store_u32<VEC>(row + 4 * g, w[g]);
+    for (int g = 0; g < G; ++g) store_u32<VEC>(row + 4 * g, int4_word(grp[g].s, mn[g], bad[g]));
   }
 }
 
@@ -213,7 +314,7 @@ template <int FMT, int G, int W, int V, bool VEC>
 __device__ __forceinline__ void decode_row(const u8* row, const int* word, float s, int D, int lane,
                                            float (&x)[V][8]) {
   if (FMT == FMT_BF16) {
-#pragma unroll CUKV_UNROLL_V
+#pragma unroll (V <= 4 ? V : 1)
     for (int c = 0; c < V; ++c)
       if (chunk_valid<W>(c, lane, D))
         Chunk<bf16_t, VEC>::load(reinterpret_cast<const bf16_t*>(row) + chunk_elem<W>(c, lane), x[c]);
@@ -224,7 +325,7 @@ __device__ __forceinline__ void decode_row(const u8* row, const int* word, float
     u32 w[G];
 #pragma unroll
     for (int g = 0; g < G; ++g) w[g] = load_u32<VEC>(row + 4 * g);
-#pragma unroll CUKV_UNROLL_V
+#pragma unroll (V <= 4 ? V : 1)
     for (int c = 0; c < V; ++c) {
       if (!chunk_valid<W>(c, lane, D)) continue;
       const int e = chunk_elem<W>(c, lane);
@@ -250,7 +351,7 @@ __device__ __forceinline__ void decode_row(const u8* row, const int* word, float
     shift = f16_to_f32((u16)(w >> 16));
     off = word ? 0 : 4;
   }
-#pragma unroll CUKV_UNROLL_V
+#pragma unroll (V <= 4 ? V : 1)
   for (int c = 0; c < V; ++c) {
     if (!chunk_valid<W>(c, lane, D)) continue;
     u32 lo, hi;
