@@ -19,7 +19,7 @@ _FMTS = ("bf16", "fp8", "fp8_head", "int4:g1", "int4:g2", "int4:g4", "int4:g8")
 _DEQUANT = _compile.Family("dequant.cu", [
     _compile.expression("dequantize_cache_rows", *fmt_targs(f)) for f in _FMTS])
 _THREADS = 256
-ITERS = 4          # positions per thread, 1..4 (runtime; the bench sweeps it)
+ITERS = 4          # rows per thread, 1..4 (runtime; the bench sweeps it)
 _MAX_ITERS = 4     # DQ_MAX_ITERS in dequant.cu
 _MAX_GRID_Y = 65535
 _MAX_D = 8192      # D/8 threads per row in one block dimension
@@ -71,15 +71,15 @@ def _launch(geom, fmt, ck, cv, wk, wv, sk, sv, seqlens, bt, ok, ov, *, B, max_le
     vec = all(int(a.data.ptr) % cal == 0 for a in (ck, cv)) and \
         all(int(a.data.ptr) % 16 == 0 for a in (ok, ov))
     nch = D // 8
-    hs = min(1 << (nkv - 1).bit_length(), max(1, _THREADS // nch))
-    tps = max(1, _THREADS // (nch * hs))
+    rows = max(1, _THREADS // nch)
+    n_rows = max_len * nkv
     iters = max(1, min(_MAX_ITERS, int(ITERS)))
-    grid = (-(-max_len // (tps * iters)), min(B, _MAX_GRID_Y), 2)
+    grid = (-(-n_rows // (rows * iters)), min(B, _MAX_GRID_Y), 2)
     S = geom.page_size
     shift = S.bit_length() - 1 if S & (S - 1) == 0 else -1
     k = _DEQUANT.kernel("dequantize_cache_rows", *fmt_targs(fmt))
     i32 = _compile.i32
-    _compile.launch(k, grid, (nch, hs, tps), (
+    _compile.launch(k, grid, (nch, rows), (
         ck, cv, wk, wv, sk, sv, seqlens, bt, ok, ov, i32(B), i32(nkv), i32(D), _compile.i64(R_bytes),
         i32(geom.rows if not geom.paged else 0), i32(max_len), i32(T), i32(S), i32(shift),
         i32(bt.shape[1] if bt is not None else 0), i32(geom.n_pages), i32(geom.paged), i32(phys),

@@ -134,7 +134,7 @@ def bench_dequant(ctx):
             ex["torch_eager_ms"] = round(eager, 5)
         ctx.record(f"dequantize_cache {fmt}{' paged' if paged else ''}", (2, B, T, H, D), ms, nbytes,
                    peer="torch.compile", peer_ms=peer_ms, extra=ex)
-        if fmt in ("fp8", "int4:g4"):                 # positions-per-thread plan sweep
+        if fmt in ("fp8", "int4:g4"):                 # rows-per-thread plan sweep
             default = dq.ITERS
             for it in (1, 2):
                 dq.ITERS = it
@@ -142,8 +142,8 @@ def bench_dequant(ctx):
                     ms_i = ctx.time(run)
                 finally:
                     dq.ITERS = default
-                ctx.record(f"  plan: {it} positions/thread", (2, B, T, H, D), ms_i, nbytes,
-                           extra={"layout": ex["layout"], "default_positions_per_thread": default})
+                ctx.record(f"  plan: {it} rows/thread", (2, B, T, H, D), ms_i, nbytes,
+                           extra={"layout": ex["layout"], "default_rows_per_thread": default})
         del ck, cv, out
         cp.get_default_memory_pool().free_all_blocks()
     del x

@@ -12,9 +12,9 @@
 //   Cache row (b, t, h): contiguous  byte ((b*MAX_T + t)*N_KVH + h) * R
 //                        paged       byte ((bt[b, t/S]*S + t%S)*N_KVH + h) * R, page id in [0, P)
 //   External fp8 words and fp8_head scales are indexed like the cache row and by b*N_KVH + h.
-// Thread layout: blockDim = (D/8, HS, TPS): thread (c, y, z) handles chunk c (8 elements, one 16-byte
-// store) of heads y, y+HS, ... at `iters` positions TPS apart; blockIdx = (position block, lane, K/V).
-// The K/V pair shares one launch. Offsets are 64-bit; a power-of-two page size uses shifts.
+// Thread layout: blockDim = (D/8, ROWS); thread (c, y) handles chunk c (8 elements, one 16-byte store)
+// of `iters` rows of one lane, ROWS apart (blockIdx.y strides over lanes, blockIdx.z picks K or V).
+// Offsets are 64-bit; a power-of-two page size uses shifts.
 #include "rows.cuh"
 
 #define DQ_MAX_ITERS 4
@@ -29,9 +29,10 @@ __device__ __forceinline__ void store_zero8(u16* p) {
   }
 }
 
-// One lane b. Thread (c, y, z) handles chunk c of heads h = y, y + blockDim.y, ... at positions
-// t = t0 + z + k*blockDim.z, k < iters (<= DQ_MAX_ITERS, unrolled): the page lookups of all its
-// positions are issued first, then the rows are decoded and stored.
+// One lane b: rows q = t*N_KVH + h of this thread (q0, q0 + ROWS, ..., `iters` <= DQ_MAX_ITERS of
+// them). The loop has a constant trip count and is unrolled, so the loads of later rows can be issued
+// before the stores of earlier ones (every pointer is __restrict__). Row indices within a lane are
+// 32-bit (the host keeps max_len * N_KVH < 2^31); cache and output offsets are 64-bit.
 template <int FMT, int G, bool VEC>
 __device__ __forceinline__ void dequant_lane(
     const u8* __restrict__ cache, const int* __restrict__ words, const float* __restrict__ scales,
@@ -39,18 +40,21 @@ __device__ __forceinline__ void dequant_lane(
     i64 R, int max_t, int max_len, int page_size, int page_shift, int max_pages, int n_pages,
     int paged, int phys, int iters) {
   const int c = threadIdx.x;
-  const u32 tps = blockDim.z;
-  const u32 t0 = blockIdx.x * tps * (u32)iters + threadIdx.z;
-  if (t0 >= (u32)max_len) return;
+  const u32 rpb = blockDim.y;
+  const u32 n_rows = (u32)max_len * (u32)nkv;
+  u32 q = blockIdx.x * (rpb * (u32)iters) + threadIdx.y;
+  if (q >= n_rows) return;
+  u32 t = q / (u32)nkv;
+  u32 h = q - t * (u32)nkv;
+  const u32 dt = rpb / (u32)nkv, dh = rpb - dt * (u32)nkv;
   const int* bt_row = paged ? block_tables + (i64)b * max_pages : nullptr;
-  i64 prow[DQ_MAX_ITERS];   // physical (or contiguous) row of position t, -1: zero row, -2: none
+  u16* out_lane = out + (i64)b * n_rows * D + 8 * c;
 #pragma unroll
-  for (int k = 0; k < DQ_MAX_ITERS; ++k) {
-    const u32 t = t0 + k * tps;
-    prow[k] = -2;
-    if (k >= iters || t >= (u32)max_len) continue;
-    prow[k] = -1;
-    if (t < (u32)len) {
+  for (int it = 0; it < DQ_MAX_ITERS; ++it) {
+    if (it >= iters || q >= n_rows) break;
+    bool data = t < (u32)len;
+    i64 crow = 0;  // cache row index (row-major over [*, *, N_KVH])
+    if (data) {
       if (paged) {
         u32 pg, off;
         if (page_shift >= 0) {
@@ -61,33 +65,30 @@ __device__ __forceinline__ void dequant_lane(
           off = t - pg * (u32)page_size;
         }
         const int page = bt_row[pg];
-        if ((unsigned)page < (unsigned)n_pages) prow[k] = (i64)page * page_size + off;
+        data = (unsigned)page < (unsigned)n_pages;
+        crow = ((i64)page * page_size + off) * nkv + h;
       } else {
-        prow[k] = (i64)b * max_t + t;
+        crow = ((i64)b * max_t + t) * nkv + h;
       }
     }
-  }
-  for (int h = threadIdx.y; h < nkv; h += blockDim.y) {
-    const float s = FMT == FMT_FP8_HEAD ? scales[(i64)b * nkv + h] : 0.0f;
-#pragma unroll
-    for (int k = 0; k < DQ_MAX_ITERS; ++k) {
-      if (prow[k] == -2) continue;
-      const i64 crow = prow[k] * nkv + h;
-      const u32 t = t0 + k * tps;
-      u16* dst = (phys ? out + crow * D : out + (((i64)b * max_len + t) * nkv + h) * D) + 8 * c;
-      if (prow[k] >= 0) {
-        float x[1][8];
-        decode_row<FMT, G, 32, 1, VEC>(cache + crow * R, words ? words + crow : nullptr, s, D, c, x);
-        store_bf16x8<VEC>(dst, x[0]);
-      } else if (!phys) {
-        store_zero8<VEC>(dst);
-      }
+    u16* dst = phys ? out + crow * D + 8 * c : out_lane + (i64)q * D;
+    if (data) {
+      float x[1][8];
+      const float s = FMT == FMT_FP8_HEAD ? scales[(i64)b * nkv + h] : 0.0f;
+      decode_row<FMT, G, 32, 1, VEC>(cache + crow * R, words ? words + crow : nullptr, s, D, c, x);
+      store_bf16x8<VEC>(dst, x[0]);
+    } else if (!phys) {
+      store_zero8<VEC>(dst);
     }
+    q += rpb;
+    t += dt;
+    h += dh;
+    if (h >= (u32)nkv) { h -= nkv; ++t; }
   }
 }
 
 template <int FMT, int G>
-__global__ void __launch_bounds__(256, 4) dequantize_cache_rows(
+__global__ void dequantize_cache_rows(
     const u8* __restrict__ cache_k, const u8* __restrict__ cache_v, const int* __restrict__ words_k,
     const int* __restrict__ words_v, const float* __restrict__ scales_k,
     const float* __restrict__ scales_v, const int* __restrict__ seqlens,

@@ -49,6 +49,7 @@ __global__ void per_head_scales(const float* __restrict__ amax, int B, int n_h, 
 // Token-major: thread (c, y, z) handles chunk c of token i = blockIdx.x * blockDim.z + z, heads
 // j = y, y + HS, ... (HS = blockDim.y) in rounds of PH_HEADS: the token's lane, slot, page and Q scale
 // are looked up once; in each round the 16-byte loads of all its heads are issued before any store.
+// wkv implies load_kv (a kept, non-precomputed token), so y is always loaded where it is encoded.
 #define PH_HEADS 4
 
 template <bool VEC>
@@ -86,41 +87,37 @@ __global__ void __launch_bounds__(256, 3) quantize_qkv_rows(
   }
   const float* inv_b = scr_inv + (i64)b * ncol;
   const float inv_q = kept ? inv_b[0] : 0.0f;
+  // K/V rows are read unless the token is precomputed; the loads do not wait for the lane / slot /
+  // page lookups above (every address below is in bounds for any i < B_T), so they overlap them.
+  const bool load_kv = kv && !(precomputed && precomputed[i]);
   const u16* q_row = xq + i * q_ts + 8 * c;
+  const u16* k_row = xk + i * k_ts + 8 * c;
+  const u16* v_row = xv + i * v_ts + 8 * c;
   u8* o_row = out + i * n_h * D;
   for (int j0 = threadIdx.y; j0 < hhx; j0 += PH_HEADS * hs) {
     float y[PH_HEADS][1][8];
-    u8* dst[PH_HEADS];
-    float inv[PH_HEADS];
-    int act[PH_HEADS];   // 0 nothing, 1 encode, 2 zero Q row
 #pragma unroll
     for (int k = 0; k < PH_HEADS; ++k) {
       const int j = j0 + k * hs;
-      act[k] = 0;
       if (j >= hhx) continue;
-      if (j < n_h) {
-        dst[k] = o_row + (i64)j * D;
-        if (kept) {
-          Chunk<bf16_t, VEC>::load(reinterpret_cast<const bf16_t*>(q_row + j * q_hs), y[k][0]);
-          inv[k] = inv_q;
-          act[k] = 1;
-        } else {
-          act[k] = 2;
-        }
-      } else if (wkv) {
-        const bool is_v = j >= n_h + nkv;
-        const int h = j - n_h - (is_v ? nkv : 0);
-        const u16* src = (is_v ? xv + i * v_ts + h * v_hs : xk + i * k_ts + h * k_hs) + 8 * c;
-        Chunk<bf16_t, VEC>::load(reinterpret_cast<const bf16_t*>(src), y[k][0]);
-        dst[k] = (is_v ? cache_v : cache_k) + (crow + h) * D;
-        inv[k] = inv_b[1 + (is_v ? nkv : 0) + h];
-        act[k] = 1;
-      }
+      const u16* src = nullptr;
+      if (j < n_h) src = q_row + j * q_hs;
+      else if (load_kv) src = j < n_h + nkv ? k_row + (j - n_h) * k_hs : v_row + (j - n_h - nkv) * v_hs;
+      if (src) Chunk<bf16_t, VEC>::load(reinterpret_cast<const bf16_t*>(src), y[k][0]);
     }
 #pragma unroll
     for (int k = 0; k < PH_HEADS; ++k) {
-      if (act[k] == 1) encode_fp8_head_row<32, 1, VEC>(y[k], D, c, dst[k], inv[k]);   // chunk c
-      else if (act[k] == 2) store_u8x8<VEC>(dst[k] + 8 * c, 0u, 0u);
+      const int j = j0 + k * hs;
+      if (j >= hhx) continue;
+      if (j < n_h) {
+        if (kept) encode_fp8_head_row<32, 1, VEC>(y[k], D, c, o_row + (i64)j * D, inv_q);   // chunk c
+        else store_u8x8<VEC>(o_row + (i64)j * D + 8 * c, 0u, 0u);
+      } else if (wkv) {
+        const bool is_v = j >= n_h + nkv;
+        const int h = j - n_h - (is_v ? nkv : 0);
+        u8* dst = (is_v ? cache_v : cache_k) + (crow + h) * D;
+        encode_fp8_head_row<32, 1, VEC>(y[k], D, c, dst, inv_b[1 + (is_v ? nkv : 0) + h]);
+      }
     }
   }
   if (kept && threadIdx.y == 0) {
