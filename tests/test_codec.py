@@ -160,10 +160,11 @@ def test_nonfinite_confined(xp, rng, fmt):
 # ------------------------------------------------------------------------------ kernels (GPU)
 @pytest.mark.parametrize("fmt", FORMATS + ["bf16"])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
-@pytest.mark.parametrize("D", [8, 24, 64, 128, 256, 320, 2048])
+@pytest.mark.parametrize("D", [8, 16, 24, 64, 128, 256, 320, 1024, 2048])
 def test_kernel_matches_reference(gpu, rng, fmt, dtype, D):
     """Kernel bytes == reference bytes (0 budget) for every format, input dtype and team shape
-    (D=8/24: teams of 1/4 lanes; 320: two chunks per lane; 2048: the looped long-row path)."""
+    (teams of 1..32 lanes with one chunk each, D=320/1024/2048 several chunks per lane and the looped
+    long-row path; int4:g1 teams with 1/2/4 chunks per lane; INT4 groups aligned or not to chunks)."""
     if fmt.startswith("int4") and D % (2 * cukv.parse_format(fmt)[1]):
         pytest.skip("D not divisible by 2G")
     dt = BF16 if dtype == "bfloat16" else np.dtype(dtype)

@@ -6,24 +6,33 @@
 // dequantize_rows<FMT, G, W, V>: the inverse, to bf16 rows of D elements.
 // One team of W lanes per row; lanes hold V chunks of 8 elements. `vec` selects 16-byte (input) and
 // 4/16-byte (output) accesses; the host sets it when every base pointer is aligned for them.
+// quantize_rows keeps whole warps together (teams past the end redo the last row and store the same
+// bytes), so its team shuffles use the full-warp mask.
+#define CUKV_FULL_WARP_TEAMS
 #include "rows.cuh"
 
 // Each team encodes CUKV_CODEC_ROWS(V) consecutive rows: all their loads are issued before the first
 // reduction, so more bytes are in flight and two shuffle chains interleave.
 #define CUKV_CODEC_ROWS(V) ((V) <= 2 ? 2 : 1)
 
+#ifndef CUKV_QUANT_MIN_BLOCKS
+#define CUKV_QUANT_MIN_BLOCKS 1
+#endif
+
+// Launched with 128-thread blocks.
 template <typename InT, int FMT, int G, int W, int V>
-__global__ void quantize_rows(const InT* __restrict__ x, i64 n_rows, int D, u8* __restrict__ out, int R,
+__global__ void __launch_bounds__(128, CUKV_QUANT_MIN_BLOCKS) quantize_rows(const InT* __restrict__ x, i64 n_rows, int D, u8* __restrict__ out, int R,
                               int* __restrict__ words, const float* __restrict__ scale, int vec) {
   constexpr int NR = CUKV_CODEC_ROWS(V);
-  const i64 row0 = ((i64)blockIdx.x * blockDim.x + threadIdx.x) / W * NR;
+  const i64 tid = (i64)blockIdx.x * blockDim.x + threadIdx.x;
   const int lane = threadIdx.x % W;
-  if (row0 >= n_rows) return;  // whole teams leave together (team_mask keeps the others going)
+  // A warp leaves only as a whole; a team past the end works on the last row (same bytes, written twice).
+  if ((tid & ~(i64)31) / W * NR >= n_rows) return;
+  const i64 row0 = tid / W * NR;
   float y[NR][V][8];
 #pragma unroll
   for (int r = 0; r < NR; ++r) {
-    const i64 row = row0 + r;
-    if (row >= n_rows) break;
+    const i64 row = min(row0 + r, n_rows - 1);
     const InT* src = x + row * (i64)D;
 #pragma unroll (V <= 4 ? V : 1)
     for (int c = 0; c < V; ++c) {
@@ -34,8 +43,7 @@ __global__ void quantize_rows(const InT* __restrict__ x, i64 n_rows, int D, u8* 
   }
 #pragma unroll
   for (int r = 0; r < NR; ++r) {
-    const i64 row = row0 + r;
-    if (row >= n_rows) break;  // uniform over the team
+    const i64 row = min(row0 + r, n_rows - 1);
     u8* dst = out + row * (i64)R;
     int* w = words ? words + row : nullptr;
     const float inv = FMT == FMT_FP8_HEAD ? __frcp_rn(scale[row]) : 0.0f;

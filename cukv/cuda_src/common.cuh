@@ -127,22 +127,17 @@ __device__ __forceinline__ bool is_finite(float v) {
 // ------------------------------------------------------------------------------------ team reductions
 // A team is W consecutive lanes starting at a multiple of W. team_mask() is the shuffle mask of the
 // calling lane's team, so a whole team may leave early without stalling the other teams of its warp.
+// A kernel that keeps every lane of a warp in the team code (no team leaves early) defines
+// CUKV_FULL_WARP_TEAMS before including this file: its shuffles then use the constant full mask, which
+// compiles to plain SHFL instead of the WARPSYNC.COLLECTIVE sequences a computed mask needs.
 template <int W> __device__ __forceinline__ u32 team_mask() {
+#ifdef CUKV_FULL_WARP_TEAMS
+  return CUKV_FULL_MASK;
+#else
   if (W >= 32) return CUKV_FULL_MASK;
   const u32 base = (threadIdx.x & 31u) & ~(u32)(W - 1);
   return ((1u << W) - 1u) << base;
-}
-template <int W> __device__ __forceinline__ float team_max(float v) {
-  const u32 m = team_mask<W>();
-#pragma unroll
-  for (int o = W / 2; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(m, v, o));
-  return v;
-}
-template <int W> __device__ __forceinline__ float team_min(float v) {
-  const u32 m = team_mask<W>();
-#pragma unroll
-  for (int o = W / 2; o > 0; o >>= 1) v = fminf(v, __shfl_xor_sync(m, v, o));
-  return v;
+#endif
 }
 // Sum: every lane ends with the same value (a+b == b+a in IEEE), summation order fixed by W.
 template <int W> __device__ __forceinline__ float team_sum(float v) {
@@ -151,11 +146,29 @@ template <int W> __device__ __forceinline__ float team_sum(float v) {
   for (int o = W / 2; o > 0; o >>= 1) v = __fadd_rn(v, __shfl_xor_sync(m, v, o));
   return v;
 }
-template <int W> __device__ __forceinline__ u32 team_or(u32 v) {
+// NaN-propagating min / max (sm_80+): a NaN anywhere in a row reaches the reduced value, so the row
+// encoders detect non-finite rows from the reduced min and max alone (an inf shows up there too).
+__device__ __forceinline__ float fmin_nan(float a, float b) {
+  float r;
+  asm("min.NaN.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+  return r;
+}
+__device__ __forceinline__ float fmax_nan(float a, float b) {
+  float r;
+  asm("max.NaN.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+  return r;
+}
+// Min and max over an aligned sub-team of `sw` lanes (a power of two <= W; sw == W: the whole team).
+// `sw` is uniform over the team, so every lane runs the same shuffles. NaN propagates.
+template <int W> __device__ __forceinline__ void team_minmax_nan(float& mn, float& mx, int sw = W) {
   const u32 m = team_mask<W>();
 #pragma unroll
-  for (int o = W / 2; o > 0; o >>= 1) v |= __shfl_xor_sync(m, v, o);
-  return v;
+  for (int o = W / 2; o > 0; o >>= 1) {
+    if (o < sw) {
+      mn = fmin_nan(mn, __shfl_xor_sync(m, mn, o));
+      mx = fmax_nan(mx, __shfl_xor_sync(m, mx, o));
+    }
+  }
 }
 
 // ------------------------------------------------------------------------------------ chunk I/O

@@ -34,9 +34,17 @@ __device__ __forceinline__ bool chunk_valid(int c, int lane, int D) { return (c 
 template <int W>
 __device__ __forceinline__ int chunk_elem(int c, int lane) { return (c * W + lane) * 8; }
 
-// Non-finite detector: acc stays +-0 while every v is finite and becomes NaN (sticky) once one is not
-// (finite * 0 = +-0, inf * 0 = NaN): one fma per element instead of a compare and an or.
-__device__ __forceinline__ float nonfinite_acc(float acc, float v) { return __fmaf_rn(v, 0.0f, acc); }
+// Fold the 8 values of a chunk into a running NaN-propagating min and max.
+__device__ __forceinline__ void chunk_minmax(const float (&y)[8], float& mn, float& mx) {
+#pragma unroll
+  for (int k = 0; k < 8; ++k) {
+    mn = fmin_nan(mn, y[k]);
+    mx = fmax_nan(mx, y[k]);
+  }
+}
+
+// A row or group is non-finite iff its NaN-propagating min or max is not finite.
+__device__ __forceinline__ u32 nonfinite(float mn, float mx) { return !(is_finite(mn) && is_finite(mx)); }
 
 // E4M3(clamp(v, +-448)) for 4 values: the encoders saturate |v| >= 448 (and +-inf) to +-448 and map
 // NaN to 0x7F, so the clamp of SPEC §2.3/§2.4 needs no instruction of its own.
@@ -57,20 +65,12 @@ __device__ __forceinline__ void encode_bf16_row(const float (&y)[V][8], int D, i
 template <int W, int V, bool VEC>
 __device__ __forceinline__ void encode_fp8_row(const float (&y)[V][8], int D, int lane, u8* row,
                                                int* word) {
-  float mn = __int_as_float(0x7f800000), mx = -__int_as_float(0x7f800000), nf = 0.0f;
+  float mn = __int_as_float(0x7f800000), mx = -__int_as_float(0x7f800000);
 #pragma unroll (V <= 4 ? V : 1)
   for (int c = 0; c < V; ++c)
-    if (chunk_valid<W>(c, lane, D))
-#pragma unroll
-      for (int k = 0; k < 8; ++k) {
-        nf = nonfinite_acc(nf, y[c][k]);
-        mn = fminf(mn, y[c][k]);
-        mx = fmaxf(mx, y[c][k]);
-      }
-  u32 bad = nf != nf;
-  mn = team_min<W>(mn);
-  mx = team_max<W>(mx);
-  bad = team_or<W>(bad);
+    if (chunk_valid<W>(c, lane, D)) chunk_minmax(y[c], mn, mx);
+  team_minmax_nan<W>(mn, mx);
+  const u32 bad = nonfinite(mn, mx);
   float h = __fmul_rn(__fsub_rn(mx, mn), 0.5f);  // == RN(RN(mx - mn) / 2): halving is exact scaling
   h = h < 32750.0f ? h : 32750.0f;
   float s = __fdiv_rn(h, 448.0f);
@@ -117,8 +117,8 @@ __device__ __forceinline__ void encode_fp8_head_row(const float (&y)[V][8], int 
 // q = round_half_even(RN_f32(RN_f64(f64(RN_f32(y - mn)) * inv))) & 0xF with
 // inv = RN_f64(15 / RN_f64(RN_f64(15 * s) + 1e-8)) (SPEC §2.5).
 //
-// Fast path, in fp32: inv32 = 15 * rcp(15 s + 1e-8) has a relative error below 2^-22, so
-// p = RN(d * inv32) lies within 2^-17 of the spec's v (|d * inv| <= ~15). Away from half-integers
+// Fast path, in fp32: inv32 ~ 15 / (15 s + 1e-8) with a relative error below 2^-20, so d * inv32 lies
+// within 2^-15 of the spec's v (|d * inv| <= ~15). Away from half-integers
 // rint(p) == rint(v); within 2^-12 of one (rare), or for NaN, int4_code_exact runs the spec's float64
 // formula. Rounding to an integer uses the 1.5 * 2^23 magic addition (round half to even).
 struct Int4Group {
@@ -129,32 +129,45 @@ __device__ __forceinline__ Int4Group int4_group(float mn, float mx) {
   Int4Group g;
   g.mn = mn;
   g.s = __fdiv_rn(__fsub_rn(mx, mn), 15.0f);
-  g.inv32 = 15.0f * __frcp_rn(__fmaf_rn(15.0f, g.s, 1e-8f));
+  g.inv32 = __fdividef(15.0f, __fmaf_rn(15.0f, g.s, 1e-8f));  // approximate: rel. error < 2^-20
   return g;
 }
 
-__device__ __noinline__ u32 int4_code_exact(float d, float s) {
-  const double inv = __ddiv_rn(15.0, __dadd_rn(__dmul_rn(15.0, (double)s), 1e-8));
-  const float v = __double2float_rn(__dmul_rn((double)d, inv));
-  return (u32)__float2int_rn(v) & 0xfu;
+// The spec's float64 path: inv = RN_f64(15 / RN_f64(RN_f64(15 s) + 1e-8)), q = rint(RN_f32(RN_f64(d inv))).
+__device__ __forceinline__ double int4_inv64(float s) {
+  return __ddiv_rn(15.0, __dadd_rn(__dmul_rn(15.0, (double)s), 1e-8));
+}
+__device__ __forceinline__ u32 int4_code64(float d, double inv) {
+  return (u32)__float2int_rn(__double2float_rn(__dmul_rn((double)d, inv))) & 0xfu;
 }
 
-// Eight codes of one chunk, packed (element k in bits 4k..4k+3).
+// Eight codes of one chunk, packed (element k in bits 4k..4k+3). t = RN(d * inv32 + 1.5 * 2^23) holds
+// rint(d * inv32) in its low mantissa bits, so the nibbles are sum_k bits(t_k) * 16^k (mod 2^32) minus
+// the constant sum_k bits(1.5 * 2^23) * 16^k; e = RN(d * inv32 - rint) measures the distance to the
+// nearest integer, and a chunk with any |e| near 1/2 (or NaN) is redone with the exact formula.
 __device__ __forceinline__ u32 int4_codes8(const float (&y)[8], const Int4Group& g) {
-  u32 packed = 0, slow = 0;
+  const float M = 12582912.0f;
+  u32 packed = 0;
+  float emax = 0.0f;
+  float d[8];
 #pragma unroll
   for (int k = 0; k < 8; ++k) {
-    const float p = __fmul_rn(__fsub_rn(y[k], g.mn), g.inv32);
-    const float t = __fadd_rn(p, 12582912.0f);
-    const float dist = fabsf(__fsub_rn(p, __fsub_rn(t, 12582912.0f)));
-    packed |= (__float_as_uint(t) & 0xfu) << (4 * k);
-    slow |= (dist < 0.5f - 0x1p-12f ? 0u : 1u) << k;
+    d[k] = __fsub_rn(y[k], g.mn);
+    const float t = __fmaf_rn(d[k], g.inv32, M);
+    const float e = __fmaf_rn(d[k], g.inv32, -__fsub_rn(t, M));
+    emax = fmax_nan(emax, fabsf(e));
+    packed += __float_as_uint(t) << (4 * k);
   }
-  if (slow) {  // unrolled: a run-time index into y would move the row to local memory
+  packed -= 0x4B400000u * 0x11111111u;   // the magic's bits in every nibble position (mod 2^32)
+  if (!(emax < 0.5f - 0x1p-12f)) {        // rare: some element near a half-integer, or NaN
+    const double inv = int4_inv64(g.s);   // one float64 division for the chunk
 #pragma unroll
-    for (int k = 0; k < 8; ++k)
-      if ((slow >> k) & 1u)
-        packed = (packed & ~(0xfu << (4 * k))) | (int4_code_exact(__fsub_rn(y[k], g.mn), g.s) << (4 * k));
+    for (int k = 0; k < 8; ++k) {         // unrolled: a run-time index into d would move it to local memory
+      const float t = __fmaf_rn(d[k], g.inv32, M);
+      const float e = __fmaf_rn(d[k], g.inv32, -__fsub_rn(t, M));
+      if (!(fabsf(e) < 0.5f - 0x1p-12f))
+        packed = (packed & ~(0xfu << (4 * k))) | (int4_code64(d[k], inv) << (4 * k));
+    }
   }
   return packed;
 }
@@ -165,26 +178,11 @@ __device__ __forceinline__ u32 int4_code1(float y, const Int4Group& g) {
   const float p = __fmul_rn(d, g.inv32);
   const float t = __fadd_rn(p, 12582912.0f);
   const float dist = fabsf(__fsub_rn(p, __fsub_rn(t, 12582912.0f)));
-  return dist < 0.5f - 0x1p-12f ? (__float_as_uint(t) & 0xfu) : int4_code_exact(d, g.s);
+  return dist < 0.5f - 0x1p-12f ? (__float_as_uint(t) & 0xfu) : int4_code64(d, int4_inv64(g.s));
 }
 
 __device__ __forceinline__ u32 int4_word(float s, float mn, u32 bad) {
   return bad ? (CUKV_NAN_HALF | (CUKV_NAN_HALF << 16)) : ((u32)f32_to_f16(s) | ((u32)f32_to_f16(mn) << 16));
-}
-
-// Min / max / or over an aligned sub-team of `sw` lanes (a power of two <= W); `sw` is uniform over
-// the team, so every lane of the team runs the same shuffles.
-template <int W>
-__device__ __forceinline__ void subteam_stats(float& mn, float& mx, u32& bad, int sw) {
-  const u32 m = team_mask<W>();
-#pragma unroll
-  for (int o = W / 2; o > 0; o >>= 1) {
-    if (o < sw) {
-      mn = fminf(mn, __shfl_xor_sync(m, mn, o));
-      mx = fmaxf(mx, __shfl_xor_sync(m, mx, o));
-      bad |= __shfl_xor_sync(m, bad, o);
-    }
-  }
 }
 
 // Fast path: every group is gs/8 = sw consecutive chunks held by an aligned sub-team of sw lanes
@@ -197,66 +195,58 @@ __device__ __forceinline__ void encode_int4_row_subteam(const float (&y)[V][8], 
 #pragma unroll (V <= 4 ? V : 1)
   for (int c = 0; c < V; ++c) {
     const bool valid = chunk_valid<W>(c, lane, D);
-    float mn = __int_as_float(0x7f800000), mx = -__int_as_float(0x7f800000), nf = 0.0f;
-    if (valid) {
-#pragma unroll
-      for (int k = 0; k < 8; ++k) {
-        nf = nonfinite_acc(nf, y[c][k]);
-        mn = fminf(mn, y[c][k]);
-        mx = fmaxf(mx, y[c][k]);
-      }
-    }
-    u32 bad = nf != nf;
-    subteam_stats<W>(mn, mx, bad, sw);
+    float mn = __int_as_float(0x7f800000), mx = -__int_as_float(0x7f800000);
+    if (valid) chunk_minmax(y[c], mn, mx);
+    team_minmax_nan<W>(mn, mx, sw);
+    const u32 bad = nonfinite(mn, mx);
     if (!valid) continue;
     const Int4Group g = int4_group(mn, mx);
     const int e = chunk_elem<W>(c, lane);
     store_u32<VEC>(nib + e / 2, bad ? 0u : int4_codes8(y[c], g));
-    if ((lane & (sw - 1)) == 0) store_u32<VEC>(row + 4 * ((c * W + lane) / sw), int4_word(g.s, mn, bad));
+    if ((lane & (sw - 1)) == 0)   // sw is a power of two: the group index is a shift
+      store_u32<VEC>(row + 4 * ((c * W + lane) >> (__ffs(sw) - 1)), int4_word(g.s, mn, bad));
   }
 }
 
+// General path: any group layout (G == 1: the whole row; G > 1: groups not made of aligned sub-teams).
+// For G > 1 it is the rare path and stays out of line, so its per-group arrays do not raise the
+// register count (and lower the occupancy) of the common sub-team path.
 template <int W, int V, int G, bool VEC>
-__device__ __forceinline__ void encode_int4_row(const float (&y)[V][8], int D, int lane, u8* row) {
+__device__ __forceinline__ void encode_int4_row_general(const float (&y)[V][8], int D, int lane, u8* row) {
   const int gs = D / G;
   const bool aligned = (gs & 7) == 0;
-  const int sw = gs >> 3;
-  if (G > 1 && aligned && sw <= W && (sw & (sw - 1)) == 0) {   // G == 1: the team path below
-    encode_int4_row_subteam<W, V, VEC>(y, D, lane, row, G, sw);
-    return;
-  }
   float mn[G], mx[G];
   u32 bad[G];
 #pragma unroll
   for (int g = 0; g < G; ++g) {
     mn[g] = __int_as_float(0x7f800000);
     mx[g] = -__int_as_float(0x7f800000);
-    bad[g] = 0;
   }
 #pragma unroll (V <= 4 ? V : 1)
   for (int c = 0; c < V; ++c) {
     if (!chunk_valid<W>(c, lane, D)) continue;
     const int e = chunk_elem<W>(c, lane);
-    const int g0 = G == 1 ? 0 : e / gs;
+    if (G == 1) {
+      chunk_minmax(y[c], mn[0], mx[0]);
+      continue;
+    }
 #pragma unroll
     for (int k = 0; k < 8; ++k) {
-      const int g = (G == 1 || aligned) ? g0 : (e + k) / gs;
+      const int g = (aligned ? e : e + k) / gs;
       const float v = y[c][k];
 #pragma unroll
       for (int j = 0; j < G; ++j)
         if (g == j) {
-          bad[j] |= !is_finite(v);
-          mn[j] = fminf(mn[j], v);
-          mx[j] = fmaxf(mx[j], v);
+          mn[j] = fmin_nan(mn[j], v);
+          mx[j] = fmax_nan(mx[j], v);
         }
     }
   }
   Int4Group grp[G];
 #pragma unroll
   for (int g = 0; g < G; ++g) {
-    mn[g] = team_min<W>(mn[g]);
-    mx[g] = team_max<W>(mx[g]);
-    bad[g] = team_or<W>(bad[g]);
+    team_minmax_nan<W>(mn[g], mx[g]);
+    bad[g] = nonfinite(mn[g], mx[g]);
     grp[g] = int4_group(mn[g], mx[g]);
   }
   u8* nib = row + 4 * G;
@@ -291,6 +281,23 @@ __device__ __forceinline__ void encode_int4_row(const float (&y)[V][8], int D, i
 #pragma unroll
     for (int g = 0; g < G; ++g) store_u32<VEC>(row + 4 * g, int4_word(grp[g].s, mn[g], bad[g]));
   }
+}
+
+template <int W, int V, int G, bool VEC>
+__device__ __noinline__ void encode_int4_row_general_call(const float (&y)[V][8], int D, int lane, u8* row) {
+  encode_int4_row_general<W, V, G, VEC>(y, D, lane, row);
+}
+
+template <int W, int V, int G, bool VEC>
+__device__ __forceinline__ void encode_int4_row(const float (&y)[V][8], int D, int lane, u8* row) {
+  if (G == 1) {
+    encode_int4_row_general<W, V, 1, VEC>(y, D, lane, row);
+    return;
+  }
+  const int gs = D / G;
+  const int sw = gs >> 3;
+  if ((gs & 7) == 0 && sw <= W && (sw & (sw - 1)) == 0) encode_int4_row_subteam<W, V, VEC>(y, D, lane, row, G, sw);
+  else encode_int4_row_general_call<W, V, G, VEC>(y, D, lane, row);
 }
 
 // ----------------------------------------------------------------------------------------- dispatch
