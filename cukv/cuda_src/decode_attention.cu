@@ -40,21 +40,13 @@
 // e4m3 -> f16 uses the sm_89+ cvt.rn.f16x2.e4m3x2 (exact), with common.cuh's integer decoder below.
 // Values reach the tensor cores as fp16 pre-values (exact e4m3 values / the int4 fp16 result), then
 // fp32 (exact), then one RN to bf16 while packing: K packs a key's neighbours, V packs two keys.
-#include "common.cuh"
+#include "mma.cuh"
 
 #define KIND_BF16 0
 #define KIND_FP8 1
 #define KIND_INT4 2
 
-#define CUKV_NEG_INF (-__int_as_float(0x7f800000))
-#define CUKV_LN2 0.69314718055994531f
-
 // ------------------------------------------------------------------------------------ PTX helpers
-__device__ __forceinline__ u32 smem_u32(const void* p) {
-  u64 a;
-  asm("cvta.to.shared.u64 %0, %1;" : "=l"(a) : "l"(p));
-  return (u32)a;
-}
 
 // cp.async of W bytes to shared address `dst`; `skip`: write zeros, read nothing (ignore-src).
 template <int W>
@@ -75,23 +67,6 @@ __device__ __forceinline__ void cp_async_piece(u32 dst, const void* src, int w, 
                " @p cp.async.cg.shared.global [%0], [%1], 16, q;\n}\n" ::"r"(dst), "l"(src), "r"(w), "r"(z));
   asm volatile("{\n .reg .pred p, q;\n setp.eq.s32 p, %2, 4;\n setp.ne.b32 q, %3, 0;\n"
                " @p cp.async.ca.shared.global [%0], [%1], 4, q;\n}\n" ::"r"(dst), "l"(src), "r"(w), "r"(z));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
-
-// D = A*B + C, m16n8k16, bf16 inputs, fp32 accumulators.
-__device__ __forceinline__ void mma_bf16(float (&c)[4], u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
-  asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-      "{%0,%1,%2,%3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
-
-__device__ __forceinline__ float ex2(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-  return y;
 }
 
 __device__ __forceinline__ u32 hsub2(u32 a, u32 b) {
@@ -483,12 +458,12 @@ __global__ void __launch_bounds__(128) decode_attn(
       mx = fmaxf(mx, __shfl_xor_sync(CUKV_FULL_MASK, mx, 2));
       const float mnew = fmaxf(m_run[hh], mx);
       const float mu = mnew == CUKV_NEG_INF ? 0.0f : mnew;
-      const float alpha = ex2(m_run[hh] - mu);
+      const float alpha = ex2_approx(m_run[hh] - mu);
       m_run[hh] = mnew;
 #pragma unroll
       for (int nt = 0; nt < 2; ++nt) {
-        p[nt][c0] = ex2(x[nt][c0] - mu);
-        p[nt][c0 + 1] = ex2(x[nt][c0 + 1] - mu);
+        p[nt][c0] = ex2_approx(x[nt][c0] - mu);
+        p[nt][c0 + 1] = ex2_approx(x[nt][c0 + 1] - mu);
       }
       l_run[hh] = l_run[hh] * alpha + ((p[0][c0] + p[0][c0 + 1]) + (p[1][c0] + p[1][c0 + 1]));
       // O^T columns of this head tile are heads 8*hh + 2*tid and + 1: fetch their alphas.
@@ -602,7 +577,7 @@ __global__ void __launch_bounds__(128) decode_attn(
     float acc = 0.0f, l = 0.0f;
     if (M != CUKV_NEG_INF) {
       for (int w = 0; w < nw; ++w) {
-        const float f = ex2(cm[w * 16 + head] - M);
+        const float f = ex2_approx(cm[w * 16 + head] - M);
         acc += f * cO[(w * 16 + head) * D + d];
         l += f * cl[w * 16 + head];
       }

@@ -32,7 +32,7 @@
 // SPEC §1.4) into plan[b] = {q_start, L_q, k_start, L_k} and prefix-sums the lane's query blocks into
 // blk_cum. CTA x of the attention grid takes head x % N_H and block x / N_H, found by binary search;
 // blocks are walked from the lane's last (largest causal work) to its first.
-#include "common.cuh"
+#include "mma.cuh"
 
 #define PF_LINEAR 0
 #define PF_PAGED 1
@@ -42,15 +42,7 @@
 #define PF_FMT_FP8_HEAD 2
 #define PF_FMT_INT4 3
 
-#define PF_NEG_INF (-__int_as_float(0x7f800000))
-#define PF_LN2 0.69314718055994530942f
-
 // ------------------------------------------------------------------------------------ PTX wrappers
-__device__ __forceinline__ u32 pf_smem_addr(const void* p) {
-  u32 r;
-  asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(r) : "l"(p));
-  return r;
-}
 
 // 16-byte global -> shared copy; nbytes = 0 writes 16 zero bytes and reads nothing.
 __device__ __forceinline__ void pf_cp_async16(u32 dst, const void* src, u32 nbytes) {
@@ -59,10 +51,6 @@ __device__ __forceinline__ void pf_cp_async16(u32 dst, const void* src, u32 nbyt
 // 4-byte global -> shared copy (quantized rows, block-table entries, qparam words).
 __device__ __forceinline__ void pf_cp_async4(u32 dst, const void* src) {
   asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(dst), "l"(src));
-}
-__device__ __forceinline__ void pf_cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N> __device__ __forceinline__ void pf_cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }
 
 __device__ __forceinline__ void pf_st_shared4(u32 dst, u32 a) {
@@ -73,34 +61,6 @@ __device__ __forceinline__ uint4 pf_ld_shared16(u32 src) {
   asm volatile("ld.shared.v4.b32 {%0, %1, %2, %3}, [%4];\n"
                : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "r"(src));
   return v;
-}
-
-__device__ __forceinline__ void pf_ldsm_x4(u32 addr, u32& r0, u32& r1, u32& r2, u32& r3) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3) : "r"(addr));
-}
-__device__ __forceinline__ void pf_ldsm_x4_t(u32 addr, u32& r0, u32& r1, u32& r2, u32& r3) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3) : "r"(addr));
-}
-
-// D(16x8, fp32) += A(16x16, bf16, row) * B(16x8, bf16, col).
-__device__ __forceinline__ void pf_mma(float (&d)[4], u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
-  asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
-      "{%8, %9}, {%0, %1, %2, %3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
-
-__device__ __forceinline__ float pf_exp2(float x) {  // ex2(-inf) = +0
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-  return y;
-}
-__device__ __forceinline__ float pf_log2(float x) {
-  float y;
-  asm("lg2.approx.f32 %0, %1;" : "=f"(y) : "f"(x));
-  return y;
 }
 
 // Element offset of 16-byte chunk c of row r in a swizzled [rows][D] tile.
@@ -193,7 +153,7 @@ __global__ void prefill_fill_unowned(const int* __restrict__ ctl, int t_q, int n
     out[c] = z;
     if (lse && c % row_chunks == 0) {
       const long long r = c / row_chunks;
-      for (int h = 0; h < n_heads; ++h) lse[r * n_heads + h] = PF_NEG_INF;
+      for (int h = 0; h < n_heads; ++h) lse[r * n_heads + h] = CUKV_NEG_INF;
     }
   }
 }
@@ -293,7 +253,7 @@ prefill_attention_fwd(const u16* __restrict__ q, long long q_st, long long q_sh,
   extern __shared__ __align__(128) unsigned char pf_smem[];
   const int rw = row_bytes >> 2;          // 4-byte words per quantized row
   const int rsp = (row_bytes + 15) & ~15; // staging row pitch
-  const u32 sQ = pf_smem_addr(pf_smem);
+  const u32 sQ = smem_u32(pf_smem);
   const u32 sK = sQ + BM * D * 2;
   const u32 sV = sK + BN * D * 2;
   const u32 sF = sV + BN * D * 2;
@@ -499,9 +459,9 @@ prefill_attention_fwd(const u16* __restrict__ q, long long q_st, long long q_sh,
     }
   }
   if (PAGED && n_tiles > 0) prefetch_pages((n_tiles - 1) * BN, (n_tiles - 1) & 1);
-  pf_cp_async_commit();
+  cp_async_commit();
   if (PAGED) {
-    pf_cp_async_wait<0>();
+    cp_async_wait<0>();
     __syncthreads();
   }
   bool k_bad = false;
@@ -509,7 +469,7 @@ prefill_attention_fwd(const u16* __restrict__ q, long long q_st, long long q_sh,
     if (QUANT) load_raw(kbase, a.k_st, rK, sWk, qpw_k, (n_tiles - 1) * BN, (n_tiles - 1) & 1);
     else k_bad = load_kv(kbase, a.k_st, sK, (n_tiles - 1) * BN, true, (n_tiles - 1) & 1);
   }
-  pf_cp_async_commit();
+  cp_async_commit();
 
   const int wrow = warp * 16 * MT;        // first row of this warp inside the block
 
@@ -538,25 +498,25 @@ prefill_attention_fwd(const u16* __restrict__ q, long long q_st, long long q_sh,
     for (int nd = 0; nd < ND; ++nd)
 #pragma unroll
       for (int e = 0; e < 4; ++e) o_acc[mt][nd][e] = 0.0f;
-    m_run[mt][0] = m_run[mt][1] = PF_NEG_INF;
+    m_run[mt][0] = m_run[mt][1] = CUKV_NEG_INF;
     l_run[mt][0] = l_run[mt][1] = 0.0f;
   }
 
   u32 qf[QREG ? MT : 1][QREG ? D / 16 : 1][4];
   if (QREG) {
-    pf_cp_async_wait<1>();
+    cp_async_wait<1>();
     __syncthreads();
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
       for (int kd = 0; kd < D / 16; ++kd)
-        pf_ldsm_x4(offQ[kd & 3] + mt * 16 * D * 2 + (kd >> 2) * 128, qf[mt][kd][0], qf[mt][kd][1],
+        ldmatrix_x4(offQ[kd & 3] + mt * 16 * D * 2 + (kd >> 2) * 128, qf[mt][kd][0], qf[mt][kd][1],
                    qf[mt][kd][2], qf[mt][kd][3]);
   }
 
   for (int j = n_tiles - 1; j >= 0; --j) {
     const int n0 = j * BN, buf = j & 1;
-    pf_cp_async_wait<0>();
+    cp_async_wait<0>();
     bool any_bad;
     if (QUANT) {
       __syncthreads();
@@ -568,7 +528,7 @@ prefill_attention_fwd(const u16* __restrict__ q, long long q_st, long long q_sh,
     if (QUANT) load_raw(vbase, a.v_st, rV, sWv, qpw_v, n0, buf);
     else load_kv(vbase, a.v_st, sV, n0, false, buf);
     if (PAGED && j > 0) prefetch_pages(n0 - BN, buf ^ 1);
-    pf_cp_async_commit();
+    cp_async_commit();
 
     // ---- S = Q K^T
     float s[MT][NB][4];
@@ -587,18 +547,18 @@ prefill_attention_fwd(const u16* __restrict__ q, long long q_st, long long q_sh,
 #pragma unroll
           for (int e = 0; e < 4; ++e) af[mt][e] = qf[QREG ? mt : 0][QREG ? kd : 0][e];
         } else {
-          pf_ldsm_x4(offQ[kd & 3] + mt * 16 * D * 2 + (kd >> 2) * 128, af[mt][0], af[mt][1], af[mt][2],
+          ldmatrix_x4(offQ[kd & 3] + mt * 16 * D * 2 + (kd >> 2) * 128, af[mt][0], af[mt][1], af[mt][2],
                      af[mt][3]);
         }
       }
 #pragma unroll
       for (int nb2 = 0; nb2 < NB / 2; ++nb2) {
         u32 b0, b1, b2, b3;
-        pf_ldsm_x4(offK[kd & 3] + nb2 * 16 * D * 2 + (kd >> 2) * 128, b0, b1, b2, b3);
+        ldmatrix_x4(offK[kd & 3] + nb2 * 16 * D * 2 + (kd >> 2) * 128, b0, b1, b2, b3);
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt) {
-          pf_mma(s[mt][2 * nb2], af[mt][0], af[mt][1], af[mt][2], af[mt][3], b0, b1);
-          pf_mma(s[mt][2 * nb2 + 1], af[mt][0], af[mt][1], af[mt][2], af[mt][3], b2, b3);
+          mma_bf16(s[mt][2 * nb2], af[mt][0], af[mt][1], af[mt][2], af[mt][3], b0, b1);
+          mma_bf16(s[mt][2 * nb2 + 1], af[mt][0], af[mt][1], af[mt][2], af[mt][3], b2, b3);
         }
       }
     }
@@ -616,38 +576,38 @@ prefill_attention_fwd(const u16* __restrict__ q, long long q_st, long long q_sh,
             const int key = n0 + nb * 8 + 2 * tig + (e & 1);
             bool vis = key < lk && (!causal || key <= row + shift);
             if (PAGED && any_bad && vis) vis = pf_smem[sF - sQ + (key - n0)] != 0;
-            if (!vis) s[mt][nb][e] = PF_NEG_INF;
+            if (!vis) s[mt][nb][e] = CUKV_NEG_INF;
           }
     }
 
-    pf_cp_async_wait<0>();
+    cp_async_wait<0>();
     __syncthreads();
     if (j > 0) {
       if (QUANT) load_raw(kbase, a.k_st, rK, sWk, qpw_k, n0 - BN, buf ^ 1);
       else k_bad = load_kv(kbase, a.k_st, sK, n0 - BN, true, buf ^ 1);
     }
-    pf_cp_async_commit();
+    cp_async_commit();
 
     // ---- online softmax (rows g and g + 8 of every m16 tile; a row lives in one quad)
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
       for (int hr = 0; hr < 2; ++hr) {
-        float mx = PF_NEG_INF;
+        float mx = CUKV_NEG_INF;
 #pragma unroll
         for (int nb = 0; nb < NB; ++nb) mx = fmaxf(mx, fmaxf(s[mt][nb][2 * hr], s[mt][nb][2 * hr + 1]));
         mx = fmaxf(mx, __shfl_xor_sync(CUKV_FULL_MASK, mx, 1));
         mx = fmaxf(mx, __shfl_xor_sync(CUKV_FULL_MASK, mx, 2));
         const float m_new = fmaxf(m_run[mt][hr], mx * scale_log2);
-        const float m_use = m_new == PF_NEG_INF ? 0.0f : m_new;
-        const float alpha = pf_exp2(m_run[mt][hr] - m_use);
+        const float m_use = m_new == CUKV_NEG_INF ? 0.0f : m_new;
+        const float alpha = ex2_approx(m_run[mt][hr] - m_use);
         m_run[mt][hr] = m_new;
         float sum = 0.0f;
 #pragma unroll
         for (int nb = 0; nb < NB; ++nb)
 #pragma unroll
           for (int e = 2 * hr; e < 2 * hr + 2; ++e) {
-            const float p = pf_exp2(__fmaf_rn(s[mt][nb][e], scale_log2, -m_use));
+            const float p = ex2_approx(__fmaf_rn(s[mt][nb][e], scale_log2, -m_use));
             s[mt][nb][e] = p;
             sum += p;
           }
@@ -673,11 +633,11 @@ prefill_attention_fwd(const u16* __restrict__ q, long long q_st, long long q_sh,
 #pragma unroll
       for (int nd2 = 0; nd2 < ND / 2; ++nd2) {
         u32 b0, b1, b2, b3;
-        pf_ldsm_x4_t(offV[nd2 & 3] + kk * 16 * D * 2 + (nd2 >> 2) * 128, b0, b1, b2, b3);
+        ldmatrix_x4_trans(offV[nd2 & 3] + kk * 16 * D * 2 + (nd2 >> 2) * 128, b0, b1, b2, b3);
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt) {
-          pf_mma(o_acc[mt][2 * nd2], pa[mt][0], pa[mt][1], pa[mt][2], pa[mt][3], b0, b1);
-          pf_mma(o_acc[mt][2 * nd2 + 1], pa[mt][0], pa[mt][1], pa[mt][2], pa[mt][3], b2, b3);
+          mma_bf16(o_acc[mt][2 * nd2], pa[mt][0], pa[mt][1], pa[mt][2], pa[mt][3], b0, b1);
+          mma_bf16(o_acc[mt][2 * nd2 + 1], pa[mt][0], pa[mt][1], pa[mt][2], pa[mt][3], b2, b3);
         }
       }
     };
@@ -701,7 +661,7 @@ prefill_attention_fwd(const u16* __restrict__ q, long long q_st, long long q_sh,
   }
 
   // ---- epilogue: O / l through the warp's rows of the Q tile, 16-byte stores; lse
-  pf_cp_async_wait<0>();
+  cp_async_wait<0>();
   __syncthreads();
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt)
@@ -718,7 +678,7 @@ prefill_attention_fwd(const u16* __restrict__ q, long long q_st, long long q_sh,
                       pack_bf16x2(o_acc[mt][nd][2 * hr] * inv, o_acc[mt][nd][2 * hr + 1] * inv));
       if (a.lse && tig == 0 && m0 + r < lq)
         a.lse[((long long)qs + m0 + r) * n_heads + h] =
-            l > 0.0f ? (m_run[mt][hr] + pf_log2(l)) * PF_LN2 : PF_NEG_INF;
+            l > 0.0f ? (m_run[mt][hr] + lg2_approx(l)) * CUKV_LN2 : CUKV_NEG_INF;
     }
   __syncwarp();
 #pragma unroll
