@@ -136,12 +136,14 @@ _DLPACK_CPU = 1
 class _Call:
     """State of one outermost op call that received framework tensors."""
 
-    __slots__ = ("kind", "originals", "stream")
+    __slots__ = ("kind", "originals", "stream", "capturing", "device")
 
     def __init__(self):
         self.kind = None          # "torch" or "jax" once a framework tensor is seen
         self.originals = {}       # id(converted array) -> (converted array, caller's object)
         self.stream = None        # torch's current CUDA stream pointer, if any
+        self.capturing = False    # torch is capturing a CUDA graph on that stream
+        self.device = None
 
 
 _CALL: contextvars.ContextVar[_Call | None] = contextvars.ContextVar("cukv_call", default=None)
@@ -183,6 +185,8 @@ def _to_native(opname: str, argname: str, v, call: _Call):
         if t.is_cuda:
             if call.stream is None:
                 call.stream = torch.cuda.current_stream(t.device).cuda_stream
+                call.device = t.device.index
+                call.capturing = torch.cuda.is_current_stream_capturing()
             cp = cupy()
             with cp.cuda.Device(t.device.index), cp.cuda.ExternalStream(call.stream):
                 a = cp.from_dlpack(t)
@@ -242,6 +246,37 @@ def _from_native(r, call: _Call):
 
         return jnp.from_dlpack(r)
     return r
+
+
+def _torch_malloc(size: int, device: int = 0):
+    """CuPy allocator drawing from torch's caching allocator (graph-capture aware)."""
+    torch = _torch()
+    t = torch.empty((max(int(size), 1),), dtype=torch.uint8, device=f"cuda:{device}")
+    cp = cupy()
+    return cp.cuda.MemoryPointer(cp.cuda.UnownedMemory(t.data_ptr(), int(size), t), 0)
+
+
+class _capture_allocator:
+    """While torch captures a CUDA graph, the op's own allocations (outputs, split-K scratch) come
+    from torch's allocator, i.e. from the graph's private pool: CuPy's pool would call cudaMalloc,
+    which capture forbids, or hand out a block freed on another stream."""
+
+    __slots__ = ("call", "ctx")
+
+    def __init__(self, call: _Call):
+        self.call = call
+        self.ctx = None
+
+    def __enter__(self):
+        if self.call.capturing:
+            self.ctx = cupy().cuda.using_allocator(functools.partial(_torch_malloc, device=self.call.device))
+            self.ctx.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self.ctx is not None:
+            return self.ctx.__exit__(*exc)
+        return False
 
 
 _NATIVE = (np.ndarray,)
@@ -308,7 +343,7 @@ def op(opname: str, arrays: tuple[str, ...]):
                     cp = cupy()
                     with cp.cuda.Device(be.device):
                         if call is not None and call.stream is not None and depth == 0:
-                            with cp.cuda.ExternalStream(call.stream):
+                            with cp.cuda.ExternalStream(call.stream), _capture_allocator(call):
                                 result = fn(*args, **kwargs)
                         else:
                             result = fn(*args, **kwargs)
