@@ -188,7 +188,7 @@ def _to_native(opname: str, argname: str, v, call: _Call):
                 call.device = t.device.index
                 call.capturing = torch.cuda.is_current_stream_capturing()
             cp = cupy()
-            with cp.cuda.Device(t.device.index), cp.cuda.ExternalStream(call.stream):
+            with cp.cuda.Device(t.device.index), _external_stream(call.stream, t.device.index):
                 a = cp.from_dlpack(t)
         elif t.device.type == "cpu":
             if t.dtype == torch.bfloat16:
@@ -246,6 +246,22 @@ def _from_native(r, call: _Call):
 
         return jnp.from_dlpack(r)
     return r
+
+
+_STREAMS: dict = {}
+
+
+def _external_stream(ptr: int, device: int):
+    """A CuPy stream object for a foreign CUDA stream pointer, made once per (device, pointer)."""
+    st = _STREAMS.get((device, ptr))
+    if st is None:
+        import warnings  # noqa: PLC0415
+
+        with warnings.catch_warnings():   # CuPy 14 deprecates ExternalStream for Stream.from_external
+            warnings.simplefilter("ignore", DeprecationWarning)
+            st = cupy().cuda.ExternalStream(ptr, device)
+        _STREAMS[(device, ptr)] = st
+    return st
 
 
 def _torch_malloc(size: int, device: int = 0):
@@ -343,10 +359,11 @@ def op(opname: str, arrays: tuple[str, ...]):
                     cp = cupy()
                     with cp.cuda.Device(be.device):
                         if call is not None and call.stream is not None and depth == 0:
-                            with cp.cuda.ExternalStream(call.stream), _capture_allocator(call):
-                                result = fn(*args, **kwargs)
-                        else:
-                            result = fn(*args, **kwargs)
+                            # results are handed to torch inside the stream context, so DLPack sees
+                            # one stream and inserts no cross-stream event (graph capture safe)
+                            with _external_stream(call.stream, be.device), _capture_allocator(call):
+                                return _from_native(fn(*args, **kwargs), call)
+                        result = fn(*args, **kwargs)
                 else:
                     result = fn(*args, **kwargs)
             finally:
