@@ -97,10 +97,8 @@ def bench_prefill(ctx, *, configs=True, layouts=True):
             finally:
                 ap.CONFIGS[D] = saved
             extra["alt_config_tflops"] = alt
-        gbps = nbytes / ms / 1e6
-        ctx.record(op="prefill_attention", shape=f"B{B} T{T} {H}/{KVH} heads D{D} causal", ms=ms,
-                   gbps=gbps, pct_copy=100.0 * gbps / ctx.copy_gbps, peer=peer, peer_ms=peer_ms,
-                   extra=extra)
+        ctx.record(f"prefill_attention bf16 causal B{B} T{T}", (B, T, H, KVH, D), ms, nbytes, peer=peer,
+                   peer_ms=peer_ms, extra=extra)
         del q, k, v, out
 
     if layouts:
@@ -123,9 +121,7 @@ def bench_prefill(ctx, *, configs=True, layouts=True):
                     q, kg, vg, cuq, seqlens_k=lens, block_tables=bt16, page_size=16, validate=False))):
             fn()
             ms = ctx.time(fn)
-            gbps = nbytes / ms / 1e6
-            ctx.record(op="prefill_attention", shape=f"B{B} q{Tq} over k{Tk} {name} bf16", ms=ms,
-                       gbps=gbps, pct_copy=100.0 * gbps / ctx.copy_gbps, peer=None, peer_ms=None,
+            ctx.record(f"prefill_attention bf16 {name} q{Tq} over k{Tk}", (B, Tq, Tk, H, KVH, D), ms, nbytes,
                        extra={"tflops": fl / ms / 1e9, "layout": name})
         try:
             from cukv import quantize  # noqa: PLC0415
@@ -137,9 +133,7 @@ def bench_prefill(ctx, *, configs=True, layouts=True):
                 fn()
                 ms = ctx.time(fn)
                 nb = 2 * 2 * q.size + ck.nbytes + cv.nbytes
-                gbps = nb / ms / 1e6
-                ctx.record(op="prefill_attention", shape=f"B{B} q{Tq} over k{Tk} padded {fmt}", ms=ms,
-                           gbps=gbps, pct_copy=100.0 * gbps / ctx.copy_gbps, peer=None, peer_ms=None,
+                ctx.record(f"prefill_attention {fmt} padded q{Tq} over k{Tk}", (B, Tq, Tk, H, KVH, D), ms, nb,
                            extra={"tflops": fl / ms / 1e9, "fmt": fmt})
         except NotImplementedError as e:  # pragma: no cover
             print(f"prefill fmt bench skipped: {e}")
@@ -174,12 +168,14 @@ class _Ctx:
             ts.append(cp.cuda.get_elapsed_time(e0, e1))
         return float(np.median(ts))
 
-    def record(self, **row):
+    def record(self, op, shape, ms, nbytes, *, peer=None, peer_ms=None, extra=None):
+        """Same signature as scripts/bench.py's Ctx.record."""
+        row = dict(op=op, shape=tuple(shape), ms=ms, nbytes=nbytes, peer=peer, peer_ms=peer_ms, extra=extra)
         self.rows.append(row)
-        ex = row.get("extra") or {}
-        peer = f" | {row['peer']}: {row['peer_ms']:.3f} ms" if row.get("peer") else ""
+        ex = extra or {}
+        pr = f" | {peer}: {peer_ms:.3f} ms" if peer else ""
         tf = f" {ex['tflops']:.1f} TFLOP/s" if "tflops" in ex else ""
-        print(f"{row['op']:18s} {row['shape']:42s} {row['ms']:8.3f} ms{tf}{peer}")
+        print(f"{op:42s} {str(tuple(shape)):28s} {ms:8.3f} ms{tf}{pr}")
         rest = {k: v for k, v in ex.items() if k != "tflops"}
         if rest:
             print(f"{'':18s} {rest}")
