@@ -275,6 +275,12 @@ def check_block_table_entries(op: str, block_tables, touched, n_pages: int,
          f"a page id in [0, {n_pages}) (the entry is used by the call)", str(int(bt_h[i])))
 
 
+def block_table_touched(xp, block_tables, lens, page_size: int):
+    """bool ``[B, max_pages]``: the block-table entries lane ``b`` reads for ``lens[b]`` rows."""
+    j = xp.arange(block_tables.shape[1], dtype=np.int64)[None, :]
+    return j * int(page_size) < lens.astype(np.int64)[:, None]
+
+
 def check_finite(op: str, arg: str, a) -> None:
     """``check_finite=True``: every element of float array ``a`` is finite (SPEC §1.4, §11.4).
 

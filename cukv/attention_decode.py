@@ -96,15 +96,8 @@ def prepare(op, q, cache_k, cache_v, seqlens, *, fmt, qparam_k, qparam_v, block_
         if isinstance(num_splits, bool) or not isinstance(num_splits, (int, np.integer)) or num_splits < 1:
             _checks.fail(op, "num_splits", "None or an integer >= 1", repr(num_splits))
         num_splits = int(num_splits)
-    if check_finite and q.size:
-        fin = _backend.current().xp.isfinite(q.astype(np.float32))
-        if not bool(fin.all()):
-            bad = ~fin
-            h = bad.get() if _backend.is_cupy(bad) else bad
-            i = np.unravel_index(_checks.first_bad_index(h.ravel()), h.shape)
-            qh = q[i].get() if _backend.is_cupy(q) else q[i]
-            _checks.fail(op, f"{q_arg}[{', '.join(str(int(j)) for j in i)}]",
-                         "finite values (check_finite=True)", repr(float(qh)))
+    if check_finite:
+        _checks.check_finite(op, q_arg, q)
     cap = geom.capacity
     if validate and B:
         bad = (seqlens < 0) | (seqlens > cap)

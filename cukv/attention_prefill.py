@@ -194,16 +194,11 @@ def _contents_ok(xp, geo, cu_q, cu_k, lens_k, bt, causal):
         lk = lens_k.astype(i64)
         flags.append(((lk < 0) | (lk > geo.capacity)).any())
     if bt is not None and bt.size:
-        touched = _bt_touched(xp, bt, xp.clip(lk, 0, geo.capacity), geo.page_size)
+        touched = _checks.block_table_touched(xp, bt, xp.clip(lk, 0, geo.capacity), geo.page_size)
         flags.append((touched & ((bt < 0) | (bt >= geo.n_pages))).any())
     if causal and geo.B:
         flags.append(((cq[1:] - cq[:-1]) > lk).any())
     return ~xp.stack([xp.asarray(f) for f in flags]).any()
-
-
-def _bt_touched(xp, bt, lens, S):
-    j = xp.arange(bt.shape[1], dtype=np.int64)[None, :]
-    return j * S < lens.astype(np.int64)[:, None]
 
 
 def _cu_report(op, arg, cu, total, total_name):
@@ -233,7 +228,7 @@ def _report_contents(geo, cu_q, cu_k, lens_k, bt, causal):
         _checks.check_index_contents(op, "seqlens_k", lk, 0, geo.capacity + 1,
                                      what=f"a key count in [0, {geo.capacity}] (the capacity)")
     if bt is not None:
-        _checks.check_block_table_entries(op, np.asarray(bt), _bt_touched(np, np.asarray(bt), lk,
+        _checks.check_block_table_entries(op, np.asarray(bt), _checks.block_table_touched(np, np.asarray(bt), lk,
                                                                            geo.page_size), geo.n_pages)
     if causal:
         lq = cu_q[1:] - cu_q[:-1]
@@ -243,20 +238,6 @@ def _report_contents(geo, cu_q, cu_k, lens_k, bt, causal):
             _checks.fail(op, "cu_seqlens_q", "L_q(b) <= L_k(b) for every lane of a causal call "
                          "(bottom-right aligned mask)", f"L_q({b}) = {int(lq[b])} > L_k({b}) = {int(lk[b])}")
     raise ValueError(f"{op}: internal error: a content check failed on the device but not on the host")
-
-
-def _check_finite(op, named):
-    for name, a in named:
-        if a is None or a.size == 0:
-            continue
-        xp = _backend.cupy() if _backend.is_cupy(a) else np
-        bad = ~xp.isfinite(a.astype(np.float32))
-        if bool(bad.any()):
-            bh = bad.get() if xp is not np else bad
-            ah = a.get() if xp is not np else a
-            i = np.unravel_index(_checks.first_bad_index(bh.ravel()), a.shape)
-            _checks.fail(op, f"{name}[{', '.join(str(int(j)) for j in i)}]",
-                         "a finite value (check_finite=True)", repr(float(np.float32(ah[i]))))
 
 
 # ------------------------------------------------------------------------------------ device
@@ -440,7 +421,8 @@ def prefill_attention(q, k, v, cu_seqlens_q, *, cu_seqlens_k=None, seqlens_k=Non
                              host(block_tables), causal)
     if check_finite:
         packed = geo.layout == "packed"
-        _check_finite(OP, (("q", q), ("k", k if packed else None), ("v", v if packed else None)))
+        for name, a in (("q", q), ("k", k if packed else None), ("v", v if packed else None)):
+            _checks.check_finite(OP, name, a)
     if not be.gpu:
         out, lse = ref.prefill_attention(
             q, k, v, cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, seqlens_k=seqlens_k,

@@ -47,12 +47,6 @@ def _geometry(op, cache_k, cache_v, fmt, qparam_k, qparam_v, block_tables, page_
     return geom, fmt
 
 
-def _bt_touched(xp, block_tables, lens, page_size: int):
-    """bool ``[B, max_pages]``: entries a lane with ``lens[b]`` rows reads."""
-    j = xp.arange(block_tables.shape[1], dtype=np.int64)[None, :]
-    return j * page_size < lens.astype(np.int64)[:, None]
-
-
 def _launch(geom, fmt, ck, cv, wk, wv, sk, sv, seqlens, bt, ok, ov, *, B, max_len, T, phys):
     """Launch ``dequantize_cache_rows`` over contiguous device arrays (see dequant.cu)."""
     xp = _backend.cupy()
@@ -165,7 +159,7 @@ def dequantize_cache(cache_k, cache_v, seqlens, fmt, *, qparam_k=None, qparam_v=
                                           f"max_len {max_len})")
         if geom.paged:
             _checks.check_block_table_entries(op, block_tables,
-                                              _bt_touched(xp, block_tables, seqlens, geom.page_size),
+                                              _checks.block_table_touched(xp, block_tables, seqlens, geom.page_size),
                                               geom.n_pages)
     if not be.gpu:
         return ref.dequantize_cache(cache_k, cache_v, seqlens, fmt, qparam_k=qparam_k,
@@ -205,7 +199,7 @@ def dequantize_cache_physical(cache_k, cache_v, seqlens, fmt, *, qparam_k=None, 
                                      what=f"a length in [0, {T}] (the cache capacity)")
         if geom.paged:
             _checks.check_block_table_entries(
-                op, block_tables[:n], _bt_touched(xp, block_tables[:n], seqlens, geom.page_size),
+                op, block_tables[:n], _checks.block_table_touched(xp, block_tables[:n], seqlens, geom.page_size),
                 geom.n_pages)
     if not be.gpu:
         return ref.dequantize_cache_physical(cache_k, cache_v, seqlens, fmt, qparam_k=qparam_k,

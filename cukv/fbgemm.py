@@ -9,11 +9,12 @@ Where FBGEMM is wrong or limited (SPEC §12), cukv does the correct thing; each 
 """
 from __future__ import annotations
 
+import numpy as np
+
+from . import _backend, _checks
+
 # ---------------------------------------------------------------------------------------- writers
 # (SPEC §10.1) rope_qkv_varseq_prefill, rope_qkv_decoding, nope_*, xpos_*
-import numpy as _wnp  # noqa: E402
-
-from . import _backend as _wbe, _checks as _wck  # noqa: E402
 
 
 def _fb_writer_format(op, cache_K, XQ, qparam_k, cache_logical_dtype_int, num_groups, cache_format):
@@ -22,29 +23,29 @@ def _fb_writer_format(op, cache_K, XQ, qparam_k, cache_logical_dtype_int, num_gr
         return cache_format
     if cache_K is None:
         return None
-    if cache_K.dtype == _wck.BF16:
+    if cache_K.dtype == _checks.BF16:
         return "bf16"
-    if cache_K.dtype != _wck.U8:
-        _wck.fail(op, "cache_K", "a bfloat16 or uint8 cache", _wck.describe(cache_K), TypeError)
+    if cache_K.dtype != _checks.U8:
+        _checks.fail(op, "cache_K", "a bfloat16 or uint8 cache", _checks.describe(cache_K), TypeError)
     cdt = cache_logical_dtype_int
-    if isinstance(cdt, bool) or not isinstance(cdt, (int, _wnp.integer)) or int(cdt) not in (0, 1, 2):
-        _wck.fail(op, "cache_logical_dtype_int", "0 (bf16 or int4 by dtype), 1 (FP8) or 2 (INT4)", repr(cdt))
+    if isinstance(cdt, bool) or not isinstance(cdt, (int, np.integer)) or int(cdt) not in (0, 1, 2):
+        _checks.fail(op, "cache_logical_dtype_int", "0 (bf16 or int4 by dtype), 1 (FP8) or 2 (INT4)", repr(cdt))
     if int(cdt) == 1:
         if num_groups not in (None, 1):
-            _wck.fail(op, "num_groups", "None or 1 for an FP8 cache (cache_logical_dtype_int=1)",
+            _checks.fail(op, "num_groups", "None or 1 for an FP8 cache (cache_logical_dtype_int=1)",
                       repr(num_groups))
         R, D = int(cache_K.shape[-1]), int(XQ.shape[-1])
         if R == D + 4:
             return "fp8"
         if R == D:
-            if qparam_k is not None and qparam_k.dtype == _wck.I32:
+            if qparam_k is not None and qparam_k.dtype == _checks.I32:
                 return "fp8"
             return "fp8_head"
-        _wck.fail(op, "cache_K", f"rows of D+4={D + 4} (inline qparams) or D={D} bytes for an FP8 cache",
-                  _wck.describe(cache_K))
+        _checks.fail(op, "cache_K", f"rows of D+4={D + 4} (inline qparams) or D={D} bytes for an FP8 cache",
+                  _checks.describe(cache_K))
     g = 1 if num_groups is None else num_groups
-    if isinstance(g, bool) or not isinstance(g, (int, _wnp.integer)) or int(g) not in (1, 2, 4, 8):
-        _wck.fail(op, "num_groups", "1, 2, 4 or 8 for an INT4 cache", repr(num_groups))
+    if isinstance(g, bool) or not isinstance(g, (int, np.integer)) or int(g) not in (1, 2, 4, 8):
+        _checks.fail(op, "num_groups", "1, 2, 4 or 8 for an INT4 cache", repr(num_groups))
     return f"int4:g{int(g)}"
 
 
@@ -63,11 +64,11 @@ def _fb_write(op, decode, XQ, XK, XV, cache_K, cache_V, lanes, pos, cache_pos, p
     from .cache_write import _write  # noqa: PLC0415
     from .formats import parse_format  # noqa: PLC0415
 
-    if not isinstance(update_kv, (bool, _wnp.bool_)):
-        _wck.fail(op, "update_kv", "a bool", type(update_kv).__name__, TypeError)
+    if not isinstance(update_kv, (bool, np.bool_)):
+        _checks.fail(op, "update_kv", "a bool", type(update_kv).__name__, TypeError)
     if not update_kv and (XK is not None or XV is not None):
-        _wck.fail(op, "XK" if XK is not None else "XV", "None when update_kv=False (Q-only mode)",
-                  _wck.describe(XK if XK is not None else XV))
+        _checks.fail(op, "XK" if XK is not None else "XV", "None when update_kv=False (Q-only mode)",
+                  _checks.describe(XK if XK is not None else XV))
     fmt = _fb_writer_format(op, cache_K, XQ, qparam_k, cache_logical_dtype_int, num_groups, cache_format)
     kind = parse_format(fmt, op, "cache_format")[0] if fmt is not None else "bf16"
     q_back = False
@@ -75,8 +76,8 @@ def _fb_write(op, decode, XQ, XK, XV, cache_K, cache_V, lanes, pos, cache_pos, p
     amax = None
     if kind == "fp8_head":
         if not has_fp8_head:
-            _wck.fail(op, "cache_K", "a bf16, fp8 (inline or int32 external qparams) or int4 cache "
-                      "(the xpos writers have no FP8 per-head path)", _wck.describe(cache_K))
+            _checks.fail(op, "cache_K", "a bf16, fp8 (inline or int32 external qparams) or int4 cache "
+                      "(the xpos writers have no FP8 per-head path)", _checks.describe(cache_K))
         amax, q_back, write_k_back = amax_qkv, True, True
         all_pre = decode or precomputed is None
     else:
@@ -147,7 +148,7 @@ _ROPE_ARGS = """theta, rope_scaling, old_context_len, scaling_factor, lo_freq_fa
         ``cukv.RoPE(theta, scaling=cukv.Llama31Scaling(...) if rope_scaling else None)``"""
 
 
-@_wbe.op("rope_qkv_varseq_prefill", arrays=_FB_W_ARRAYS + ("varseq_batch", "varseq_seqpos",
+@_backend.op("rope_qkv_varseq_prefill", arrays=_FB_W_ARRAYS + ("varseq_batch", "varseq_seqpos",
                                                           "varseq_cache_seqpos", "amax_qkv",
                                                           "kv_quant_scale_precomputed"))
 def rope_qkv_varseq_prefill(XQ, XK, XV, cache_K, cache_V, varseq_batch, varseq_seqpos, theta,
@@ -170,7 +171,7 @@ def rope_qkv_varseq_prefill(XQ, XK, XV, cache_K, cache_V, varseq_batch, varseq_s
                      cache_format=cache_format)
 
 
-@_wbe.op("rope_qkv_decoding", arrays=_FB_W_ARRAYS + ("seqpos", "batch", "cache_seqpos", "amax_qkv"))
+@_backend.op("rope_qkv_decoding", arrays=_FB_W_ARRAYS + ("seqpos", "batch", "cache_seqpos", "amax_qkv"))
 def rope_qkv_decoding(XQ, XK, XV, cache_K, cache_V, seqpos, theta, num_groups=1, block_tables=None,
                       page_size=64, actual_batch_size=None, batch=None, cache_seqpos=None,
                       cache_logical_dtype_int=0, rope_scaling=False, old_context_len=8192, scaling_factor=16,
@@ -189,7 +190,7 @@ def rope_qkv_decoding(XQ, XK, XV, cache_K, cache_V, seqpos, theta, num_groups=1,
                      cache_format=cache_format)
 
 
-@_wbe.op("nope_qkv_varseq_prefill", arrays=_FB_W_ARRAYS + ("varseq_batch", "varseq_seqpos",
+@_backend.op("nope_qkv_varseq_prefill", arrays=_FB_W_ARRAYS + ("varseq_batch", "varseq_seqpos",
                                                           "varseq_cache_seqpos", "amax_qkv",
                                                           "kv_quant_scale_precomputed"))
 def nope_qkv_varseq_prefill(XQ, XK, XV, cache_K, cache_V, varseq_batch, varseq_seqpos, block_tables=None,
@@ -206,7 +207,7 @@ def nope_qkv_varseq_prefill(XQ, XK, XV, cache_K, cache_V, varseq_batch, varseq_s
                      cache_format=cache_format)
 
 
-@_wbe.op("nope_qkv_decoding", arrays=_FB_W_ARRAYS + ("seqpos", "batch", "cache_seqpos", "amax_qkv"))
+@_backend.op("nope_qkv_decoding", arrays=_FB_W_ARRAYS + ("seqpos", "batch", "cache_seqpos", "amax_qkv"))
 def nope_qkv_decoding(XQ, XK, XV, cache_K, cache_V, seqpos, block_tables=None, page_size=64,
                       actual_batch_size=None, batch=None, cache_seqpos=None, cache_logical_dtype_int=0,
                       num_groups=1, qparam_k=None, qparam_v=None, k_norm=False, update_kv=True,
@@ -219,7 +220,7 @@ def nope_qkv_decoding(XQ, XK, XV, cache_K, cache_V, seqpos, block_tables=None, p
                      cache_format=cache_format)
 
 
-@_wbe.op("xpos_qkv_varseq_prefill", arrays=_FB_W_ARRAYS + ("varseq_batch", "varseq_seqpos",
+@_backend.op("xpos_qkv_varseq_prefill", arrays=_FB_W_ARRAYS + ("varseq_batch", "varseq_seqpos",
                                                           "varseq_cache_seqpos"))
 def xpos_qkv_varseq_prefill(XQ, XK, XV, cache_K, cache_V, varseq_batch, varseq_seqpos, theta, gamma,
                             scale_base, exponent_offset, num_groups=1, block_tables=None, page_size=64,
@@ -240,7 +241,7 @@ def xpos_qkv_varseq_prefill(XQ, XK, XV, cache_K, cache_V, varseq_batch, varseq_s
                      cache_format=cache_format)
 
 
-@_wbe.op("xpos_qkv_decoding", arrays=_FB_W_ARRAYS + ("seqpos", "batch", "cache_seqpos"))
+@_backend.op("xpos_qkv_decoding", arrays=_FB_W_ARRAYS + ("seqpos", "batch", "cache_seqpos"))
 def xpos_qkv_decoding(XQ, XK, XV, cache_K, cache_V, seqpos, theta, gamma, scale_base, exponent_offset,
                       num_groups=1, block_tables=None, page_size=64, actual_batch_size=None, batch=None,
                       cache_seqpos=None, cache_logical_dtype_int=0, rope_scaling=False, old_context_len=8192,
@@ -287,20 +288,6 @@ xpos_qkv_decoding.__doc__ = _fb_doc(
 
 # ---------------------------------------------------------------------------------------- dequantizers
 # (SPEC §10.2, §10.3) dequantize_fp8_cache, dequantize_int4_cache, quantize_qkv_per_head
-import numpy as _np  # noqa: E402
-
-from . import _backend as _be, _checks as _ck  # noqa: E402
-
-
-def _fb_check_finite(op, arg, x):
-    """``check_finite=True`` on an activation (SPEC §1.4)."""
-    fn = getattr(_ck, "check_finite", None)
-    if fn is not None:
-        fn(op, arg, x)
-        return
-    xp = _np if isinstance(x, _np.ndarray) else _be.cupy()
-    if x.size and not bool(xp.isfinite(x.astype(_np.float32)).all()):
-        _ck.fail(op, arg, "finite values (check_finite=True)", "a NaN or infinity")
 
 
 def _fb_fp8_format(op, cache_K, qparam_k, cache_format):
@@ -308,15 +295,15 @@ def _fb_fp8_format(op, cache_K, qparam_k, cache_format):
         return cache_format
     if qparam_k is None:
         return "fp8"
-    if qparam_k.dtype == _ck.I32:
+    if qparam_k.dtype == _checks.I32:
         return "fp8"
-    if qparam_k.dtype == _ck.F32:
+    if qparam_k.dtype == _checks.F32:
         return "fp8_head"
-    _ck.fail(op, "qparam_k", "int32 external fp8 qparams or float32 fp8_head scales",
-             _ck.describe(qparam_k), TypeError)
+    _checks.fail(op, "qparam_k", "int32 external fp8 qparams or float32 fp8_head scales",
+             _checks.describe(qparam_k), TypeError)
 
 
-@_be.op("dequantize_fp8_cache", arrays=("cache_K", "cache_V", "kv_seqlen", "qparam_k", "qparam_v",
+@_backend.op("dequantize_fp8_cache", arrays=("cache_K", "cache_V", "kv_seqlen", "qparam_k", "qparam_v",
                                         "block_tables"))
 def dequantize_fp8_cache(cache_K, cache_V, kv_seqlen, qparam_k=None, qparam_v=None, block_tables=None,
                          page_size=64, *, validate=True, check_finite=False, cache_format=None):
@@ -350,13 +337,13 @@ def dequantize_fp8_cache(cache_K, cache_V, kv_seqlen, qparam_k=None, qparam_v=No
     op = "dequantize_fp8_cache"
     fmt = _fb_fp8_format(op, cache_K, qparam_k, cache_format)
     if fmt not in ("fp8", "fp8_head"):
-        _ck.fail(op, "cache_format", "'fp8' or 'fp8_head'", repr(fmt))
+        _checks.fail(op, "cache_format", "'fp8' or 'fp8_head'", repr(fmt))
     return dequantize_cache_physical(cache_K, cache_V, kv_seqlen, fmt, qparam_k=qparam_k,
                                      qparam_v=qparam_v, block_tables=block_tables,
                                      page_size=page_size, validate=validate, op=op)
 
 
-@_be.op("dequantize_int4_cache", arrays=("cache_K", "cache_V", "kv_seqlen", "qparam_k", "qparam_v",
+@_backend.op("dequantize_int4_cache", arrays=("cache_K", "cache_V", "kv_seqlen", "qparam_k", "qparam_v",
                                          "block_tables"))
 def dequantize_int4_cache(cache_K, cache_V, kv_seqlen, num_groups=1, qparam_k=None, qparam_v=None, *,
                           block_tables=None, page_size=64, validate=True, check_finite=False,
@@ -372,20 +359,20 @@ def dequantize_int4_cache(cache_K, cache_V, kv_seqlen, num_groups=1, qparam_k=No
     op = "dequantize_int4_cache"
     for name, qp in (("qparam_k", qparam_k), ("qparam_v", qparam_v)):
         if qp is not None:
-            _ck.fail(op, name, "None (external INT4 qparams are not a cukv format)", _ck.describe(qp))
+            _checks.fail(op, name, "None (external INT4 qparams are not a cukv format)", _checks.describe(qp))
     if cache_format is None:
         g = 1 if num_groups is None else num_groups
-        if isinstance(g, bool) or not isinstance(g, (int, _np.integer)) or g not in (1, 2, 4, 8):
-            _ck.fail(op, "num_groups", "1, 2, 4 or 8", repr(num_groups))
+        if isinstance(g, bool) or not isinstance(g, (int, np.integer)) or g not in (1, 2, 4, 8):
+            _checks.fail(op, "num_groups", "1, 2, 4 or 8", repr(num_groups))
         cache_format = f"int4:g{int(g)}"
     elif not cache_format.startswith("int4"):
-        _ck.fail(op, "cache_format", "an 'int4:gG' format", repr(cache_format))
+        _checks.fail(op, "cache_format", "an 'int4:gG' format", repr(cache_format))
     return dequantize_cache_physical(cache_K, cache_V, kv_seqlen, cache_format,
                                      block_tables=block_tables, page_size=page_size,
                                      validate=validate, op=op)
 
 
-@_be.op("quantize_qkv_per_head", arrays=("amax", "XQKV", "varseq_seqpos", "varseq_batch",
+@_backend.op("quantize_qkv_per_head", arrays=("amax", "XQKV", "varseq_seqpos", "varseq_batch",
                                          "is_precalculated_qparam", "cache_K", "cache_V", "XQ_O", "B",
                                          "qparam_k", "qparam_v", "block_tables"))
 def quantize_qkv_per_head(amax, XQKV, varseq_seqpos, varseq_batch, is_precalculated_qparam, cache_K,
@@ -420,30 +407,30 @@ def quantize_qkv_per_head(amax, XQKV, varseq_seqpos, varseq_batch, is_precalcula
 
     op = "quantize_qkv_per_head"
     if cache_format is not None and cache_format != "fp8_head":
-        _ck.fail(op, "cache_format", "'fp8_head' (or None)", repr(cache_format))
-    if not isinstance(B, (int, _np.integer)) or isinstance(B, bool):
+        _checks.fail(op, "cache_format", "'fp8_head' (or None)", repr(cache_format))
+    if not isinstance(B, (int, np.integer)) or isinstance(B, bool):
         if not hasattr(B, "dtype") or B.size != 1 or B.dtype.kind not in "iu":
-            _ck.fail(op, "B", "an int or a 1-element integer array", repr(B), TypeError)
+            _checks.fail(op, "B", "an int or a 1-element integer array", repr(B), TypeError)
         B = int(B.reshape(-1)[0])
     B = int(B)
-    _ck.check_dtype(op, "XQKV", XQKV, _ck.BF16)
-    _ck.check_dtype(op, "XQ_O", XQ_O, _ck.U8)
+    _checks.check_dtype(op, "XQKV", XQKV, _checks.BF16)
+    _checks.check_dtype(op, "XQ_O", XQ_O, _checks.U8)
     if XQKV.ndim != 3 or XQ_O.ndim != 3:
-        _ck.fail(op, "XQKV" if XQKV.ndim != 3 else "XQ_O", "a 3-d array",
-                 _ck.describe(XQKV if XQKV.ndim != 3 else XQ_O))
-    _ck.check_dtype(op, "amax", amax, _ck.F32)
+        _checks.fail(op, "XQKV" if XQKV.ndim != 3 else "XQ_O", "a 3-d array",
+                 _checks.describe(XQKV if XQKV.ndim != 3 else XQ_O))
+    _checks.check_dtype(op, "amax", amax, _checks.F32)
     if amax.ndim != 2 or not 0 <= B <= amax.shape[0]:
-        _ck.fail(op, "B", f"0 <= B <= amax.shape[0] (amax {_ck.describe(amax)})", str(B))
+        _checks.fail(op, "B", f"0 <= B <= amax.shape[0] (amax {_checks.describe(amax)})", str(B))
     N_H, HH = int(XQ_O.shape[1]), int(XQKV.shape[1])
     if HH <= N_H or (HH - N_H) % 2:
-        _ck.fail(op, "XQKV", f"[B_T, N_H + 2*N_KVH, D] with N_H={N_H} (XQ_O.shape[1])",
-                 _ck.describe(XQKV))
+        _checks.fail(op, "XQKV", f"[B_T, N_H + 2*N_KVH, D] with N_H={N_H} (XQ_O.shape[1])",
+                 _checks.describe(XQKV))
     N_KVH = (HH - N_H) // 2
     if check_finite:
-        _fb_check_finite(op, "XQKV", XQKV)
+        _checks.check_finite(op, "XQKV", XQKV)
     pre = is_precalculated_qparam
     if pre is None:
-        xp = _be.current().xp
+        xp = _backend.current().xp
         pre = xp.ones(int(XQKV.shape[0]), dtype=bool)
     _, scale_q = native(amax[:B], XQKV[:, :N_H], XQKV[:, N_H:N_H + N_KVH], XQKV[:, N_H + N_KVH:],
                         cache_K, cache_V, varseq_seqpos, token_lane=varseq_batch,
@@ -454,11 +441,6 @@ def quantize_qkv_per_head(amax, XQKV, varseq_seqpos, varseq_batch, is_precalcula
 
 # ---------------------------------------------------------------------------------------- attention
 # (SPEC §10.4) mqa_attn, gqa_attn_splitk
-import math as _amath  # noqa: E402
-
-import numpy as _anp  # noqa: E402
-
-from . import _backend as _abe, _checks as _ack  # noqa: E402
 
 
 def _fb_attn_plan(op, XQ, cache_K, cache_V, seq_positions, qk_scale, num_groups, cache_logical_dtype_int,
@@ -467,16 +449,16 @@ def _fb_attn_plan(op, XQ, cache_K, cache_V, seq_positions, qk_scale, num_groups,
     """Validate an FBGEMM attention call and map it onto decode attention (SPEC §10.4)."""
     from .attention_decode import prepare  # noqa: PLC0415
 
-    _ack.check_dtype(op, "XQ", XQ, _ack.BF16)
+    _checks.check_dtype(op, "XQ", XQ, _checks.BF16)
     if XQ.ndim != 4 or int(XQ.shape[1]) != 1:
-        _ack.fail(op, "XQ", "bfloat16 [B, 1, N_H, D] (one decode token per lane)", _ack.describe(XQ))
-    _ack.check_dtype(op, "seq_positions", seq_positions, _ack.I32)
+        _checks.fail(op, "XQ", "bfloat16 [B, 1, N_H, D] (one decode token per lane)", _checks.describe(XQ))
+    _checks.check_dtype(op, "seq_positions", seq_positions, _checks.I32)
     if cache_K is None:
-        _ack.fail(op, "cache_K", "a cache array", "None", TypeError)
+        _checks.fail(op, "cache_K", "a cache array", "None", TypeError)
     fmt = _fb_writer_format(op, cache_K, XQ, qparam_k, cache_logical_dtype_int, num_groups, cache_format)
-    if isinstance(qk_scale, bool) or not isinstance(qk_scale, (int, float, _anp.integer, _anp.floating)):
-        _ack.fail(op, "qk_scale", "a real number", repr(qk_scale), TypeError)
-    seqlens = seq_positions + _anp.int32(1)
+    if isinstance(qk_scale, bool) or not isinstance(qk_scale, (int, float, np.integer, np.floating)):
+        _checks.fail(op, "qk_scale", "a real number", repr(qk_scale), TypeError)
+    seqlens = seq_positions + np.int32(1)
     return prepare(op, XQ[:, 0], cache_K, cache_V, seqlens, fmt=fmt, qparam_k=qparam_k,
                    qparam_v=qparam_v, block_tables=block_tables, page_size=page_size,
                    softmax_scale=float(qk_scale), num_splits=num_splits, validate=validate,
@@ -488,7 +470,7 @@ def _fb_ref_kw(p):
                 page_size=p.geom.page_size, softmax_scale=p.scale)
 
 
-@_abe.op("mqa_attn", arrays=("XQ", "cache_K", "cache_V", "seq_positions", "qparam_k", "qparam_v",
+@_backend.op("mqa_attn", arrays=("XQ", "cache_K", "cache_V", "seq_positions", "qparam_k", "qparam_v",
                              "block_tables"))
 def mqa_attn(XQ, cache_K, cache_V, seq_positions, qk_scale, num_groups=1, cache_logical_dtype_int=0,
              qparam_k=None, qparam_v=None, *, block_tables=None, page_size=64, validate=True,
@@ -518,7 +500,7 @@ def mqa_attn(XQ, cache_K, cache_V, seq_positions, qk_scale, num_groups=1, cache_
     p = _fb_attn_plan(op, XQ, cache_K, cache_V, seq_positions, qk_scale, num_groups,
                       cache_logical_dtype_int, qparam_k, qparam_v, block_tables, page_size, validate,
                       check_finite, cache_format)
-    if not _abe.current().gpu:
+    if not _backend.current().gpu:
         from .ref import attention_decode as ref  # noqa: PLC0415
 
         return ref.decode_attention(p.q, cache_K, cache_V, p.seqlens, **_fb_ref_kw(p))[:, None]
@@ -527,7 +509,7 @@ def mqa_attn(XQ, cache_K, cache_V, seq_positions, qk_scale, num_groups=1, cache_
     return run(p)[0][:, None]
 
 
-@_abe.op("gqa_attn_splitk", arrays=("XQ", "cache_K", "cache_V", "seq_positions", "block_tables"))
+@_backend.op("gqa_attn_splitk", arrays=("XQ", "cache_K", "cache_V", "seq_positions", "block_tables"))
 def gqa_attn_splitk(XQ, cache_K, cache_V, seq_positions, qk_scale, num_split_ks,
                     kv_cache_quant_num_groups=1, use_tensor_cores=True, cache_logical_dtype_int=0, *,
                     block_tables=None, page_size=64, validate=True, check_finite=False,
@@ -554,13 +536,13 @@ def gqa_attn_splitk(XQ, cache_K, cache_V, seq_positions, qk_scale, num_split_ks,
     """
     op = "gqa_attn_splitk"
     S = num_split_ks
-    if isinstance(S, bool) or not isinstance(S, (int, _anp.integer)) or S < 1:
-        _ack.fail(op, "num_split_ks", "an integer >= 1", repr(num_split_ks))
+    if isinstance(S, bool) or not isinstance(S, (int, np.integer)) or S < 1:
+        _checks.fail(op, "num_split_ks", "an integer >= 1", repr(num_split_ks))
     S = int(S)
     p = _fb_attn_plan(op, XQ, cache_K, cache_V, seq_positions, qk_scale, kv_cache_quant_num_groups,
                       cache_logical_dtype_int, None, None, block_tables, page_size, validate,
                       check_finite, cache_format, num_splits=S)
-    be = _abe.current()
+    be = _backend.current()
     if not be.gpu:
         from .ref import attention_decode as ref  # noqa: PLC0415
 
@@ -568,10 +550,10 @@ def gqa_attn_splitk(XQ, cache_K, cache_V, seq_positions, qk_scale, num_split_ks,
         O = ref.decode_attention(p.q, cache_K, cache_V, p.seqlens, **kw)[:, None]
         if use_tensor_cores:
             a, m, l = ref.split_partials(p.q, cache_K, cache_V, p.seqlens, S, **kw)
-            aux2 = _anp.stack([m.astype(_anp.float32), l.astype(_anp.float32)], axis=1)
-            return O, a.astype(_anp.float32), aux2
+            aux2 = np.stack([m.astype(np.float32), l.astype(np.float32)], axis=1)
+            return O, a.astype(np.float32), aux2
         probs, dots = ref.scores(p.q, cache_K, cache_V, p.seqlens, **kw)
-        return O, probs.astype(_anp.float32), dots.astype(_anp.float32)
+        return O, probs.astype(np.float32), dots.astype(np.float32)
     from .attention_decode import run  # noqa: PLC0415
 
     if use_tensor_cores:
@@ -580,14 +562,14 @@ def gqa_attn_splitk(XQ, cache_K, cache_V, seq_positions, qk_scale, num_split_ks,
     out, lse, _, _, dots = run(p, dots=True)
     cp = be.xp
     g = p.geom
-    t = cp.arange(g.capacity, dtype=_anp.int32)
+    t = cp.arange(g.capacity, dtype=np.int32)
     n = cp.clip(p.seqlens, 0, g.capacity)
     valid = t[None, :] < n[:, None]
     if g.paged:
         bt = cp.ascontiguousarray(p.block_tables)
         pid = bt[:, t // g.page_size]
         valid &= (pid >= 0) & (pid < g.n_pages)
-    with _anp.errstate(all="ignore"):
-        probs = cp.where(valid[:, None, :], cp.exp(_anp.float32(p.scale) * dots - lse[..., None]),
-                         _anp.float32(0))
-    return out[:, None], probs.astype(_anp.float32), dots
+    with np.errstate(all="ignore"):
+        probs = cp.where(valid[:, None, :], cp.exp(np.float32(p.scale) * dots - lse[..., None]),
+                         np.float32(0))
+    return out[:, None], probs.astype(np.float32), dots
