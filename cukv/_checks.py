@@ -275,6 +275,30 @@ def check_block_table_entries(op: str, block_tables, touched, n_pages: int,
          f"a page id in [0, {n_pages}) (the entry is used by the call)", str(int(bt_h[i])))
 
 
+def valid_tokens_arg(op: str, v):
+    """``valid_tokens`` (SPEC §5.1): ``None``, a Python/NumPy int, or a 1-element int32/int64 array of
+    the call's module (graph-capturable); returned as is (ints as ``int``). Bools are rejected."""
+    if v is None:
+        return None
+    want = "an int or a 1-element int32/int64 array"
+    if isinstance(v, (bool, np.bool_)):
+        fail(op, "valid_tokens", want, "bool", TypeError)
+    if isinstance(v, (int, np.integer)):
+        return int(v)
+    if not hasattr(v, "dtype"):
+        fail(op, "valid_tokens", want, type(v).__name__, TypeError)
+    check_dtype(op, "valid_tokens", v, (I32, np.int64))
+    if v.size != 1:
+        fail(op, "valid_tokens", want, describe(v))
+    return v
+
+
+def aligned(a, n: int) -> bool:
+    """True if the array's base address is a multiple of ``n`` bytes (vector paths are chosen on the
+    host from this, SPEC §1.5)."""
+    return int(a.data.ptr) % n == 0
+
+
 def block_table_touched(xp, block_tables, lens, page_size: int):
     """bool ``[B, max_pages]``: the block-table entries lane ``b`` reads for ``lens[b]`` rows."""
     j = xp.arange(block_tables.shape[1], dtype=np.int64)[None, :]

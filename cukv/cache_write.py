@@ -98,22 +98,6 @@ def _bool_arg(op, name, v):
     return bool(v)
 
 
-def _check_valid_tokens(op, v):
-    if v is None:
-        return None
-    if isinstance(v, (bool, np.bool_)):
-        _checks.fail(op, "valid_tokens", "an int or a 1-element int32/int64 array", "bool", TypeError)
-    if isinstance(v, (int, np.integer)):
-        return int(v)
-    if not hasattr(v, "dtype"):
-        _checks.fail(op, "valid_tokens", "an int or a 1-element int32/int64 array", type(v).__name__,
-                     TypeError)
-    _checks.check_dtype(op, "valid_tokens", v, (np.int32, np.int64))
-    if v.size != 1:
-        _checks.fail(op, "valid_tokens", "an int or a 1-element int32/int64 array", _checks.describe(v))
-    return v
-
-
 def _check_rows(op, name, a, n, heads, D, what):
     _checks.check_dtype(op, name, a, _checks.BF16)
     ok = a.ndim == 3 and int(a.shape[0]) == n and int(a.shape[2]) == D and (
@@ -236,7 +220,7 @@ def _write(op, xq, xk, xv, cache_k, cache_v, lanes, pos, *, lane_arg, pos_arg, f
         _checks.check_array(op, lane_arg, lanes, _checks.I32, (n,), f"int32 [{n}] (one per row of xq)")
     if cache_pos is not None:
         _checks.check_array(op, "cache_pos", cache_pos, _checks.I32, (n,), f"int32 [{n}] (one per row of xq)")
-    vt = _check_valid_tokens(op, valid_tokens)
+    vt = _checks.valid_tokens_arg(op, valid_tokens)
     qk_norm = _bool_arg(op, "qk_norm", qk_norm)
     write_q_back = _bool_arg(op, "write_q_back", write_q_back)
     if isinstance(qk_norm_eps, bool) or not isinstance(qk_norm_eps, numbers.Real) or \
@@ -352,12 +336,12 @@ def _write(op, xq, xk, xv, cache_k, cache_v, lanes, pos, *, lane_arg, pos_arg, f
             (_compile.i64(a.strides[0] // 2), _compile.i64(a.strides[1] // 2))
 
     def al16(a):
-        return a is None or (int(a.data.ptr) % 16 == 0 and all(int(s) % 16 == 0 for s in a.strides[:2]))
+        return a is None or (_checks.aligned(a, 16) and all(int(s) % 16 == 0 for s in a.strides[:2]))
 
     flags = (_INTERLEAVED if interleaved else 0) | (_QK_NORM if qk_norm else 0) | \
         (_Q_BACK if write_q_back else 0) | (_K_BACK if write_k_back else 0) | \
         (_ALL_PRE if all_precomputed else 0)
-    if al16(xq_r) and al16(xk_r) and al16(xv_r) and int(out.data.ptr) % 16 == 0:
+    if al16(xq_r) and al16(xk_r) and al16(xv_r) and _checks.aligned(out, 16):
         flags |= _VEC_IN
     fcode, G = fmt_targs(fmt)
     if q_only:

@@ -75,10 +75,6 @@ def _row_scale(op, scale, lead, xp):
     return b
 
 
-def _aligned(a, n: int) -> bool:
-    return int(a.data.ptr) % n == 0
-
-
 @_backend.op("quantize", arrays=("x", "scale"))
 def quantize(x, fmt, *, external_qparams=False, scale=None):
     """Quantize rows of ``D`` values into cache rows of format ``fmt``.
@@ -144,7 +140,7 @@ def quantize(x, fmt, *, external_qparams=False, scale=None):
     words = xp.empty(lead, dtype=np.int32) if external_qparams else None
     srow = xp.ascontiguousarray(s_b.reshape(-1)) if s_b is not None else None
     k = _CODEC.kernel("quantize_rows", IN_TYPES[x.dtype], fcode, G, W, V)
-    vec = _aligned(x, 16) and _aligned(out, 16 if kind == "bf16" else 4)
+    vec = _checks.aligned(x, 16) and _checks.aligned(out, 16 if kind == "bf16" else 4)
     row_stride = out.itemsize * R   # bytes per output row
     rows_per_team = 2 if V <= 2 else 1          # CUKV_CODEC_ROWS(V) in codec.cu
     teams = -(-n // rows_per_team)
@@ -224,7 +220,7 @@ def dequantize(rows, fmt, *, qparams=None, scale=None):
     n = int(np.prod(lead, dtype=np.int64))
     out = xp.empty(lead + (D,), dtype=_checks.BF16)
     k = _CODEC.kernel("dequantize_rows", fcode, G, W, V)
-    vec = _aligned(rows, 4) and _aligned(out, 16)
+    vec = _checks.aligned(rows, 4) and _checks.aligned(out, 16)
     _compile.launch(k, (-(-n * W // _DQ_BLOCK),), (_DQ_BLOCK,),
                     (rows, _compile.i64(n), _compile.i32(D), _compile.i32(R), words, srow, out,
                      _compile.i32(vec)))

@@ -196,10 +196,6 @@ def rms_norm(x, weight=None, eps=1e-6, *, out=None):
     return out
 
 
-def _aligned(a, n: int = 16) -> bool:
-    return int(a.data.ptr) % n == 0
-
-
 def run_kernel(x, weight, eps: float, out, p: Plan | None = None) -> None:
     """Run the kernel on validated CuPy arrays (``out`` C-contiguous bf16 ``x.shape``).
 
@@ -216,8 +212,8 @@ def run_kernel(x, weight, eps: float, out, p: Plan | None = None) -> None:
         x = xp.ascontiguousarray(x)
         rs = N
     w = xp.ascontiguousarray(weight) if weight is not None else None
-    vec = (_aligned(x) and (rs * x.itemsize) % 16 == 0 and _aligned(out)
-           and (w is None or _aligned(w)))
+    vec = (_checks.aligned(x, 16) and (rs * x.itemsize) % 16 == 0 and _checks.aligned(out, 16)
+           and (w is None or _checks.aligned(w, 16)))
     p = p or plan(N)
     t = IN_TYPES[x.dtype]
     wt = W_TYPES[None if w is None else w.dtype]

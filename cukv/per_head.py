@@ -21,21 +21,16 @@ _THREADS = 256
 _MAX_D = 8192
 
 
-def _valid_tokens(op, valid_tokens, B_T, xp, be):
+def _valid_tokens(op, valid_tokens, B_T):
     """``(device int64 [1] or None, host int)`` for ``valid_tokens`` (int, 1-element array or None)."""
-    if valid_tokens is None:
+    v = _checks.valid_tokens_arg(op, valid_tokens)
+    if v is None:
         return None, B_T
-    if isinstance(valid_tokens, (int, np.integer)) and not isinstance(valid_tokens, bool):
-        if valid_tokens < 0:
-            _checks.fail(op, "valid_tokens", "an integer >= 0", repr(valid_tokens))
-        return None, min(int(valid_tokens), B_T)
-    if not hasattr(valid_tokens, "dtype"):
-        _checks.fail(op, "valid_tokens", "an int or a 1-element int32/int64 array",
-                     type(valid_tokens).__name__, TypeError)
-    _checks.check_dtype(op, "valid_tokens", valid_tokens, (_checks.I32, np.int64))
-    if valid_tokens.size != 1:
-        _checks.fail(op, "valid_tokens", "a 1-element array", _checks.describe(valid_tokens))
-    return valid_tokens.reshape(1).astype(np.int64), None
+    if isinstance(v, int):
+        if v < 0:
+            _checks.fail(op, "valid_tokens", "an integer >= 0", repr(v))
+        return None, min(v, B_T)
+    return v.reshape(1).astype(np.int64), None
 
 
 def _strided(xp, a):
@@ -186,7 +181,7 @@ def quantize_qkv_per_head(amax, xq, xk, xv, cache_k, cache_v, cache_pos, *, toke
     _checks.check_no_overlap(op, written, others)
     be = _backend.current()
     xp = be.xp
-    vt_dev, vt_host = _valid_tokens(op, valid_tokens, B_T, xp, be)
+    vt_dev, vt_host = _valid_tokens(op, valid_tokens, B_T)
 
     if validate:
         if token_lane is not None:
