@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import _backend, _checks, _compile
-from .formats import check_head_dim, head_dim_from_row, parse_format
+from .formats import check_head_dim, head_dim_from_row, parse_format, row_bytes
 from .ref import codec as ref
 
 __all__ = ["quantize", "dequantize"]
@@ -135,7 +135,7 @@ def quantize(x, fmt, *, external_qparams=False, scale=None):
     fcode, G = fmt_targs(fmt)
     x = xp.ascontiguousarray(x)
     n = int(np.prod(lead, dtype=np.int64))
-    R = D if kind in ("bf16", "fp8_head") or external_qparams else (D + 4 if kind == "fp8" else D // 2 + 4 * G)
+    R = row_bytes(fmt, D, external_qparams)
     out = xp.empty(lead + (R,), dtype=_checks.BF16 if kind == "bf16" else np.uint8)
     words = xp.empty(lead, dtype=np.int32) if external_qparams else None
     srow = xp.ascontiguousarray(s_b.reshape(-1)) if s_b is not None else None
