@@ -64,10 +64,6 @@ class Backend:
     def gpu(self) -> bool:
         return self.name == "cupy"
 
-    def asarray_like(self, a):
-        """``a`` (a host array or scalar made by the op itself) in this backend's module."""
-        return np.asarray(a) if self.name == "numpy" else cupy().asarray(a)
-
 
 _CURRENT: contextvars.ContextVar[Backend | None] = contextvars.ContextVar("cukv_backend", default=None)
 
