@@ -275,6 +275,17 @@ def test_kernel_rows_per_thread(gpu, rng, iters, monkeypatch):
             assert_bytes_equal(got[j], case.want[j])
 
 
+@pytest.mark.parametrize("paged", [False, True], ids=["contig", "paged"])
+@pytest.mark.parametrize("fmt,D", [("int4:g2", 24), ("int4:g4", 40), ("int4:g8", 16), ("fp8", 24)])
+def test_groups_split_chunks_and_odd_pages(xp, rng, fmt, D, paged):
+    """int4 groups that are not a multiple of 8 elements (the kernel's general row path), small D and
+    a page size that is not a power of two (a division instead of a shift)."""
+    case = Case(rng, fmt, D, paged=paged, n_kv=3, S=12, max_pages=4)
+    got = _run(xp, case)
+    for j in range(2):
+        assert_bytes_equal(got[j], case.want[j], what=f"{'kv'[j]} {fmt} D={D} paged={paged}")
+
+
 def test_kernel_scalar_paths(gpu, rng):
     """Misaligned caches and outputs take the scalar (non-vector) path, same bytes."""
     for fmt in ("fp8", "int4:g2", "fp8_head", "bf16"):
