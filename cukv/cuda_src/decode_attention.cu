@@ -27,19 +27,27 @@
 //     few 8-element chunks of its key straight from the raw row bytes into bf16 pairs (the q fragments
 //     are laid out once in shared memory with the same permutation).
 //   online softmax in the log2 domain (scores prescaled by softmax_scale*log2(e), exp2), fp32 sums of
-//     the unrounded probabilities; the probabilities are rounded to bf16 for the P.V product.
+//     the unrounded probabilities; the probabilities are rounded to bf16/fp16 for the P.V product.
 //   O^T[d, h] += V^T P^T with mma (A = V^T: 16 d rows x 16 keys, B = P^T whose fragment is exactly the
 //     accumulator layout of S, so P never leaves registers).
 // At the end the warps of a CTA are merged through shared memory; a single split writes out/lse
 // directly, otherwise the unnormalised a, m, l of the split go to float32 partials for the merge.
 //
-// Dequantized values are exactly the bf16 values of SPEC §2.3-§2.5:
-//   fp8      RN_bf16(RN_f32(E4M3^-1(q)*scale + shift))   (exact product, one fp32 rounding: one fma)
-//   fp8_head RN_bf16(RN_f32(E4M3^-1(q)*s))               (an fma with -0 as addend is that product)
-//   int4     RN_bf16(RN_f16(q*scale + shift))            (one f16x2 fma)
-// e4m3 -> f16 uses the sm_89+ cvt.rn.f16x2.e4m3x2 (exact), with common.cuh's integer decoder below.
-// Values reach the tensor cores as fp16 pre-values (exact e4m3 values / the int4 fp16 result), then
-// fp32 (exact), then one RN to bf16 while packing: K packs a key's neighbours, V packs two keys.
+// Numerics. The math definition uses the dequantized bf16 values k^, v^ of SPEC §2.3-§2.5; the
+// result must meet SPEC §11.2 against a float64 reference over them.
+//   K: dequantized exactly (so scores, lse and the raw `dots` carry only fp32 accumulation error):
+//     fp8      RN_bf16(RN_f32(E4M3^-1(q)*scale + shift))   (exact product, one fp32 rounding: one fma)
+//     fp8_head RN_bf16(RN_f32(E4M3^-1(q)*s))               (an fma with -0 as addend is that product)
+//     int4     RN_bf16(RN_f16(q*scale + shift))            (one f16x2 fma)
+//   e4m3 -> f16 uses the sm_89+ cvt.rn.f16x2.e4m3x2 (exact), with common.cuh's integer decoder below.
+//   V (bf16 mma for bf16 caches, fp16 mma otherwise; the probabilities are rounded to that type):
+//     fp8: the affine is folded algebraically, O = sum_t p_t (scale_t c_t + shift_t)
+//       = 2^(e-127) * sum_t [p_t scale_t 2^(127-e)] c_t + sum_t p_t shift_t, with c_t the exact e4m3
+//       values as fp16 operands, the bracket rounded to fp16 (e: the largest biased fp32 exponent of
+//       any V scale seen so far by the warp, so the bracket is < 2; the accumulator is rescaled by
+//       2^(e_old - e_new) when e grows) and the shift sum kept in fp32 per head. The bf16 rounding of
+//       v^ is not applied: v differs from v^ by at most half a bf16 ulp (2^-8 relative), inside §11.2.
+//     int4: the fp16 values RN_f16(q*scale + shift) (v^ before its final bf16 rounding).
 #include "mma.cuh"
 
 #define KIND_BF16 0
@@ -195,6 +203,7 @@ __global__ void __launch_bounds__(128) decode_attn(
     float* __restrict__ part_ml, float* __restrict__ dots, int dots_cap) {
   typedef Geo<KIND, D> G_;
   constexpr int KS = G_::KS, STAGES = G_::STAGES;
+  constexpr bool FOLD = KIND == KIND_FP8;   // V scale/shift folded into P / a per-head fp32 sum
   extern __shared__ __align__(16) u8 smem[];
   const u32 smem_s = smem_u32(smem);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
@@ -365,6 +374,9 @@ __global__ void __launch_bounds__(128) decode_attn(
 #pragma unroll
       for (int c = 0; c < 4; ++c) o[a][mt][c] = 0.0f;
   float m_run[2] = {CUKV_NEG_INF, CUKV_NEG_INF}, l_run[2] = {0.0f, 0.0f};
+  // fp8 V fold (see the header): o is kept in units of 2^(e_run - 127), z_run[hh] = sum_t p_t shift_t.
+  int e_run = 1;
+  float z_run[2] = {0.0f, 0.0f};
 
   __syncthreads();   // q fragments ready
 
@@ -448,6 +460,30 @@ __global__ void __launch_bounds__(128) decode_attn(
         }
       }
 
+    // ---- V rows of this thread: keys 2t, 2t+1, 8+2t, 8+2t+1 (the keys of its P^T fragment).
+    const u8* vr[4] = {stV + (2 * tid) * sV, stV + (2 * tid + 1) * sV, stV + (2 * tid + 8) * sV,
+                       stV + (2 * tid + 9) * sV};
+    RowQ vq[4];
+#pragma unroll
+    for (int k = 0; k < 4; ++k) vq[k] = row_q(vr[k], (k >> 1) * 8 + 2 * tid + (k & 1), true);
+    // fp8: the V scales are folded into the probabilities. e_run: the largest biased fp32 exponent
+    // of any V scale seen so far (warp-uniform); p'_t = p_t * scale_t * 2^(127 - e_run) < 2 in fp16.
+    float fe = 1.0f, sf[4] = {1.0f, 1.0f, 1.0f, 1.0f};
+    if (FOLD) {
+      u32 eb = 0;
+#pragma unroll
+      for (int k = 0; k < 4; ++k) eb = max(eb, __float_as_uint(vq[k].s) & 0x7f800000u);
+      eb = max(eb, (u32)__shfl_xor_sync(CUKV_FULL_MASK, eb, 1));
+      eb = max(eb, (u32)__shfl_xor_sync(CUKV_FULL_MASK, eb, 2));
+      const int e_new = max(e_run, min((int)(eb >> 23), 253));
+      const int de = 127 + e_run - e_new;                        // o *= 2^(e_run - e_new)
+      fe = de >= 1 ? __uint_as_float((u32)de << 23) : 0.0f;
+      e_run = e_new;
+      const float inv = __uint_as_float((u32)(254 - e_new) << 23);   // 2^(127 - e_new), normal
+#pragma unroll
+      for (int k = 0; k < 4; ++k) sf[k] = vq[k].s * inv;
+    }
+
     float p[2][4];
     u32 pb[NT][2];
 #pragma unroll
@@ -466,10 +502,13 @@ __global__ void __launch_bounds__(128) decode_attn(
         p[nt][c0 + 1] = ex2_approx(x[nt][c0 + 1] - mu);
       }
       l_run[hh] = l_run[hh] * alpha + ((p[0][c0] + p[0][c0 + 1]) + (p[1][c0] + p[1][c0 + 1]));
+      if (FOLD)
+        z_run[hh] = z_run[hh] * alpha + ((p[0][c0] * vq[0].z + p[0][c0 + 1] * vq[1].z) +
+                                         (p[1][c0] * vq[2].z + p[1][c0 + 1] * vq[3].z));
       // O^T columns of this head tile are heads 8*hh + 2*tid and + 1: fetch their alphas.
-      if (__any_sync(CUKV_FULL_MASK, alpha != 1.0f)) {   // the running max moved for some head
-        const float a_lo = __shfl_sync(CUKV_FULL_MASK, alpha, (2 * tid) << 2);
-        const float a_hi = __shfl_sync(CUKV_FULL_MASK, alpha, (2 * tid + 1) << 2);
+      if (__any_sync(CUKV_FULL_MASK, alpha != 1.0f) || fe != 1.0f) {   // running max or V exponent moved
+        const float a_lo = __shfl_sync(CUKV_FULL_MASK, alpha, (2 * tid) << 2) * fe;
+        const float a_hi = __shfl_sync(CUKV_FULL_MASK, alpha, (2 * tid + 1) << 2) * fe;
 #pragma unroll
         for (int mt = 0; mt < KS; ++mt) {
           o[hh][mt][0] *= a_lo;
@@ -478,56 +517,84 @@ __global__ void __launch_bounds__(128) decode_attn(
           o[hh][mt][3] *= a_hi;
         }
       }
-      pb[hh][0] = pack_bf16x2(p[0][c0], p[0][c0 + 1]);   // keys 2t, 2t+1 of head row
-      pb[hh][1] = pack_bf16x2(p[1][c0], p[1][c0 + 1]);   // keys 8+2t, 8+2t+1
+      if (KIND == KIND_BF16) {
+        pb[hh][0] = pack_bf16x2(p[0][c0], p[0][c0 + 1]);   // keys 2t, 2t+1 of head row
+        pb[hh][1] = pack_bf16x2(p[1][c0], p[1][c0 + 1]);   // keys 8+2t, 8+2t+1
+      } else {   // fp16 P (fp8: scaled by sf, see above)
+        pb[hh][0] = pack_f16x2(p[0][c0] * sf[0], p[0][c0 + 1] * sf[1]);
+        pb[hh][1] = pack_f16x2(p[1][c0] * sf[2], p[1][c0 + 1] * sf[3]);
+      }
     }
 
     // ---- O^T += V^T P^T: this thread holds keys 2t, 2t+1, 8+2t, 8+2t+1 and V chunks g + 8*ci.
     {
-      const u8* vr[4] = {stV + (2 * tid) * sV, stV + (2 * tid + 1) * sV, stV + (2 * tid + 8) * sV,
-                         stV + (2 * tid + 9) * sV};
-      const int vkey[4] = {2 * tid, 2 * tid + 1, 2 * tid + 8, 2 * tid + 9};
-      RowQ vq[4];
-#pragma unroll
-      for (int k = 0; k < 4; ++k) vq[k] = row_q(vr[k], vkey[k], true);
       constexpr int NG = D == 256 ? 2 : 1;           // chunk groups
       constexpr int MPG = KS / NG;                    // m-tiles per group
 #pragma unroll
       for (int grp = 0; grp < NG; ++grp) {
         const int cA = grp, cB = D == 64 ? 0 : grp + G_::VCH / 2;
-        u32 VA[4][4], VB[4][4];
+        if (FOLD) {
+          // fp8: A = the exact e4m3 values as fp16. One byte permute pairs a position of two keys
+          // (two positions per permute), one cvt gives the fp16 pair.
+          u32 RA[4][2], RB[4][2];
 #pragma unroll
-        for (int k = 0; k < 4; ++k) {
-          u32 raw[G_::CB / 4];
-          const int cva = g + 8 * cA;
-          lds<KIND, G_::CB>(vr[k] + po_v + cva * G_::CB, raw);
-          pre_chunk<KIND, D>(raw, cva, vq[k], gshift, VA[k]);
-          if (D != 64) {
-            const int cvb = g + 8 * cB;
-            lds<KIND, G_::CB>(vr[k] + po_v + cvb * G_::CB, raw);
-            pre_chunk<KIND, D>(raw, cvb, vq[k], gshift, VB[k]);
-          }
-        }
-#pragma unroll
-        for (int mm = 0; mm < MPG; ++mm) {
-          const int mt = grp * MPG + mm;
-          const int pA = D == 64 ? mm : (mm & 7);
-          const int pB = D == 64 ? mm + 4 : (mm & 7);
-          const u32(&XB)[4][4] = D == 64 ? VA : VB;
-          u32 a0, a1, a2, a3;   // (key 2t, key 2t+1) or (key 2t+8, key 2t+9) at one d
-          if (KIND == KIND_BF16) {
-            a0 = pair_sel(VA[0][pA >> 1], VA[1][pA >> 1], pA & 1);
-            a1 = pair_sel(XB[0][pB >> 1], XB[1][pB >> 1], pB & 1);
-            a2 = pair_sel(VA[2][pA >> 1], VA[3][pA >> 1], pA & 1);
-            a3 = pair_sel(XB[2][pB >> 1], XB[3][pB >> 1], pB & 1);
-          } else {
-            a0 = pack_bf16x2(fin<KIND>(VA[0][pA >> 1], pA & 1, vq[0]), fin<KIND>(VA[1][pA >> 1], pA & 1, vq[1]));
-            a1 = pack_bf16x2(fin<KIND>(XB[0][pB >> 1], pB & 1, vq[0]), fin<KIND>(XB[1][pB >> 1], pB & 1, vq[1]));
-            a2 = pack_bf16x2(fin<KIND>(VA[2][pA >> 1], pA & 1, vq[2]), fin<KIND>(VA[3][pA >> 1], pA & 1, vq[3]));
-            a3 = pack_bf16x2(fin<KIND>(XB[2][pB >> 1], pB & 1, vq[2]), fin<KIND>(XB[3][pB >> 1], pB & 1, vq[3]));
+          for (int k = 0; k < 4; ++k) {
+            lds<KIND, 8>(vr[k] + po_v + (g + 8 * cA) * 8, RA[k]);
+            if (D != 64) lds<KIND, 8>(vr[k] + po_v + (g + 8 * cB) * 8, RB[k]);
           }
 #pragma unroll
-          for (int hh = 0; hh < NT; ++hh) mma_bf16(o[hh][mt], a0, a1, a2, a3, pb[hh][0], pb[hh][1]);
+          for (int mp = 0; mp < MPG; mp += 2) {
+            const int pA = D == 64 ? mp : (mp & 7);
+            const int pB = D == 64 ? mp + 4 : (mp & 7);
+            const u32(&XB)[4][2] = D == 64 ? RA : RB;
+            const u32 bA = pA & 3, bB = pB & 3;
+            const u32 selA = bA | ((4 + bA) << 4) | ((bA + 1) << 8) | ((5 + bA) << 12);
+            const u32 selB = bB | ((4 + bB) << 4) | ((bB + 1) << 8) | ((5 + bB) << 12);
+            const u32 w01A = __byte_perm(RA[0][pA >> 2], RA[1][pA >> 2], selA);
+            const u32 w23A = __byte_perm(RA[2][pA >> 2], RA[3][pA >> 2], selA);
+            const u32 w01B = __byte_perm(XB[0][pB >> 2], XB[1][pB >> 2], selB);
+            const u32 w23B = __byte_perm(XB[2][pB >> 2], XB[3][pB >> 2], selB);
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+              const int mt = grp * MPG + mp + h;
+              const u32 a0 = e4m3x2_to_f16x2(w01A >> (16 * h)), a1 = e4m3x2_to_f16x2(w01B >> (16 * h));
+              const u32 a2 = e4m3x2_to_f16x2(w23A >> (16 * h)), a3 = e4m3x2_to_f16x2(w23B >> (16 * h));
+#pragma unroll
+              for (int hh = 0; hh < NT; ++hh) mma_f16(o[hh][mt], a0, a1, a2, a3, pb[hh][0], pb[hh][1]);
+            }
+          }
+        } else {
+          // bf16: the raw pairs; int4: RN_f16(q*scale + shift) pairs (fp16 operands, no bf16 step).
+          u32 VA[4][4], VB[4][4];
+#pragma unroll
+          for (int k = 0; k < 4; ++k) {
+            u32 raw[G_::CB / 4];
+            const int cva = g + 8 * cA;
+            lds<KIND, G_::CB>(vr[k] + po_v + cva * G_::CB, raw);
+            pre_chunk<KIND, D>(raw, cva, vq[k], gshift, VA[k]);
+            if (D != 64) {
+              const int cvb = g + 8 * cB;
+              lds<KIND, G_::CB>(vr[k] + po_v + cvb * G_::CB, raw);
+              pre_chunk<KIND, D>(raw, cvb, vq[k], gshift, VB[k]);
+            }
+          }
+#pragma unroll
+          for (int mm = 0; mm < MPG; ++mm) {
+            const int mt = grp * MPG + mm;
+            const int pA = D == 64 ? mm : (mm & 7);
+            const int pB = D == 64 ? mm + 4 : (mm & 7);
+            const u32(&XB)[4][4] = D == 64 ? VA : VB;
+            // (key 2t, key 2t+1) or (key 2t+8, key 2t+9) at one d
+            const u32 a0 = pair_sel(VA[0][pA >> 1], VA[1][pA >> 1], pA & 1);
+            const u32 a1 = pair_sel(XB[0][pB >> 1], XB[1][pB >> 1], pB & 1);
+            const u32 a2 = pair_sel(VA[2][pA >> 1], VA[3][pA >> 1], pA & 1);
+            const u32 a3 = pair_sel(XB[2][pB >> 1], XB[3][pB >> 1], pB & 1);
+#pragma unroll
+            for (int hh = 0; hh < NT; ++hh) {
+              if (KIND == KIND_BF16) mma_bf16(o[hh][mt], a0, a1, a2, a3, pb[hh][0], pb[hh][1]);
+              else mma_f16(o[hh][mt], a0, a1, a2, a3, pb[hh][0], pb[hh][1]);
+            }
+          }
         }
       }
     }
@@ -541,15 +608,25 @@ __global__ void __launch_bounds__(128) decode_attn(
     l_run[hh] += __shfl_xor_sync(CUKV_FULL_MASK, l_run[hh], 1);
     l_run[hh] += __shfl_xor_sync(CUKV_FULL_MASK, l_run[hh], 2);
   }
+  if (FOLD) {
+#pragma unroll
+    for (int hh = 0; hh < NT; ++hh) {
+      z_run[hh] += __shfl_xor_sync(CUKV_FULL_MASK, z_run[hh], 1);
+      z_run[hh] += __shfl_xor_sync(CUKV_FULL_MASK, z_run[hh], 2);
+    }
+  }
+  const float o_unit = FOLD ? __uint_as_float((u32)e_run << 23) : 1.0f;   // 2^(e_run - 127)
   __syncthreads();
   float* cO = reinterpret_cast<float*>(smem + KS * 32 * 16);   // [nw][16][D]
   float* cm = cO + nw * 16 * D;                                   // [nw][16]
   float* cl = cm + nw * 16;                                       // [nw][16]
+  float* cz = cl + nw * 16;                                       // [nw][16] (fp8: sum p*shift)
 #pragma unroll
   for (int hh = 0; hh < NT; ++hh) {
     if (tid == 0) {
       cm[warp * 16 + g + 8 * hh] = m_run[hh];
       cl[warp * 16 + g + 8 * hh] = l_run[hh];
+      cz[warp * 16 + g + 8 * hh] = FOLD ? z_run[hh] : 0.0f;
     }
     constexpr int NG = D == 256 ? 2 : 1;
     constexpr int MPG = KS / NG;
@@ -562,10 +639,10 @@ __global__ void __launch_bounds__(128) decode_attn(
       const int dA = 8 * (g + 8 * cA) + chunk_perm<KIND>(pA);
       const int dB = 8 * (g + 8 * cB) + chunk_perm<KIND>(pB);
       float* ob = cO + (warp * 16 + 8 * hh + 2 * tid) * D;
-      ob[dA] = o[hh][mt][0];
-      ob[D + dA] = o[hh][mt][1];
-      ob[dB] = o[hh][mt][2];
-      ob[D + dB] = o[hh][mt][3];
+      ob[dA] = o[hh][mt][0] * o_unit;
+      ob[D + dA] = o[hh][mt][1] * o_unit;
+      ob[dB] = o[hh][mt][2] * o_unit;
+      ob[D + dB] = o[hh][mt][3] * o_unit;
     }
   }
   __syncthreads();
@@ -578,7 +655,7 @@ __global__ void __launch_bounds__(128) decode_attn(
     if (M != CUKV_NEG_INF) {
       for (int w = 0; w < nw; ++w) {
         const float f = ex2_approx(cm[w * 16 + head] - M);
-        acc += f * cO[(w * 16 + head) * D + d];
+        acc += f * (cO[(w * 16 + head) * D + d] + cz[w * 16 + head]);
         l += f * cl[w * 16 + head];
       }
     }
