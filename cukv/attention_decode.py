@@ -19,7 +19,7 @@ __all__ = ["decode_attention"]
 
 HEAD_DIMS = (64, 128, 256)
 _KIND = {"bf16": 0, "fp8": 1, "fp8_head": 1, "int4": 2}
-_STAGES = {0: 3, 1: 3, 2: 3}          # Geo<KIND, D>::STAGES in the .cu
+_STAGES = {0: 3, 1: 2, 2: 2}          # Geo<KIND, D>::STAGES in the .cu (CUKV_DA_STAGES_Q)
 _SMEM_TARGET = 112 * 1024             # per CTA: two CTAs fit one H100 SM
 _MAX_AUTO_SPLITS = 128
 _TUNE: dict = {}                      # tuning overrides (benchmarks only): nw, smem_target, head_major, occ
@@ -135,21 +135,21 @@ def _device_info(cp) -> tuple[int, int, int]:
     return info
 
 
-def auto_splits(base_ctas: int, capacity: int, n_sm: int, ctas_per_sm: int, *, dequant: bool = False) -> int:
+def auto_splits(base_ctas: int, capacity: int, n_sm: int, ctas_per_sm: int, *, dequant: int = 0) -> int:
     """``num_splits=None``: a split count that keeps the whole GPU busy, also at batch 1.
 
     ``base_ctas`` = lanes x KV heads x head groups. With ``slots = n_sm * ctas_per_sm``, the smallest
     split count whose CTAs fill the slots evenly (``ctas / (ceil(ctas / slots) * slots) >= 0.96``) is
     taken (0.96: at batch 1 a 0.9 rule left 12 of 132 H100 SMs idle); splits keep at least 256 keys
-    of capacity each. The dequantizing kinds (``dequant``) are
-    arithmetic-heavy and, once the chip holds two waves of CTAs, run best with about eight CTAs per SM
-    in total (H100 sweeps in ``scripts/bench_decode.py``).
+    of capacity each. The dequantizing kinds are arithmetic-heavy and, once the chip holds two waves of
+    CTAs, run best with about ``dequant`` CTAs per SM in total (8 for fp8, 4 for int4: H100 sweeps in
+    ``scripts/bench_decode.py``).
     """
     if base_ctas <= 0:
         return 1
     s_max = max(1, min(_MAX_AUTO_SPLITS, capacity // 256))
     if dequant and base_ctas >= 2 * n_sm:
-        return max(1, min(s_max, round(8 * n_sm / base_ctas)))
+        return max(1, min(s_max, round(dequant * n_sm / base_ctas)))
     slots = max(1, n_sm * max(1, ctas_per_sm))
     best, best_eff = 1, -1.0
     for s in range(1, s_max + 1):
@@ -167,12 +167,18 @@ def _layout(kind: str, fmt_g: int, D: int, R_bytes: int, external: bool):
 
     ``hdr``: qparam bytes at the row front; ``pad``: where the generic copy puts a row in its slot
     (payload 16-aligned). The fast copy puts a row at its address mod 16 (<= 12), so a slot holds
-    ``R + 15`` bytes rounded up, plus 16 bytes of bank skew.
+    ``R + 15`` bytes rounded up, plus 16 bytes of bank skew (bf16) or rounded to an odd number of
+    16-byte lines (quantized kinds, see ``k_elem`` in the .cu).
     """
     hdr = {"bf16": 0, "fp8": 0 if external else 4, "fp8_head": 0, "int4": 4 * fmt_g}[kind]
     pad = (-hdr) % 16
     shift = pad if kind == "bf16" else max(pad, 12)      # bf16 rows take the fast copy only when 16-aligned
-    slot = -(-(shift + R_bytes) // 16) * 16 + 16
+    lines = -(-(shift + R_bytes) // 16)
+    if kind == "bf16":
+        lines += 1                                        # bank skew for the LDS.128 reads
+    elif lines % 2 == 0:
+        lines += 1                                        # odd: conflict-free interleaved K word reads
+    slot = 16 * lines
     stages = _STAGES[_KIND[kind]]
     stage_bytes = 32 * slot + 128
     warp_bytes = -(-(stages * stage_bytes + 256 + 16) // 16) * 16
@@ -225,15 +231,15 @@ def config(p: Plan, num_splits: int | None = None) -> Config:
     S = num_splits if num_splits is not None else p.num_splits
     if S is None:
         # CTAs the chip should hold at once: one per SM for bf16 (memory-bound: one CTA of 4 warps
-        # streams fast enough) unless there are fewer (lane, head) CTAs than SMs (batch 1: splits
-        # then fill two per SM), two for the dequantizing kinds (more warps hide their arithmetic),
+        # streams fast enough; at batch 1 two per SM measured 10% slower), two for the dequantizing
+        # kinds (more warps hide their arithmetic),
         # fewer if shared memory or registers allow less (H100 sweeps, scripts/bench_decode.py).
         regs = max(1, int(getattr(kernel, "num_regs", 128) or 128))
         per_warp = -(-regs * 32 // 256) * 256
         occ = max(1, min(smem_sm // (smem + 1024), 65536 // (per_warp * nw), 32))
         base = p.B * g.n_kv_heads * n_hg
-        occ = min(occ, _TUNE.get("occ", 1 if g.kind == "bf16" and base >= n_sm else 2))
-        S = auto_splits(base, g.capacity, n_sm, occ, dequant=g.kind != "bf16")
+        occ = min(occ, _TUNE.get("occ", 1 if g.kind == "bf16" else 2))
+        S = auto_splits(base, g.capacity, n_sm, occ, dequant={"bf16": 0, "int4": 4}.get(g.kind, 8))
     return Config(kernel=kernel, nw=nw, smem=smem, num_splits=S, n_hg=n_hg, pad=pad, hdr=hdr, sK=sK, sV=sV,
                   stage_bytes=stage_bytes, warp_bytes=warp_bytes)
 

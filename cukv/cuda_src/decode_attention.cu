@@ -53,6 +53,18 @@
 #define KIND_BF16 0
 #define KIND_FP8 1
 #define KIND_INT4 2
+// Tuning knobs (H100 sweeps; attention_decode._STAGES must agree with the stage count): pipeline
+// depth of the quantized kinds (2 frees shared memory for more CTAs per SM), and the CTAs per SM the
+// int4 / fp8 kernels' register budget is cut for (4: <= 128 registers; only where D*NT <= 128).
+#ifndef CUKV_DA_STAGES_Q
+#define CUKV_DA_STAGES_Q 2
+#endif
+#ifndef CUKV_DA_MINB
+#define CUKV_DA_MINB 4
+#endif
+#ifndef CUKV_DA_MINB_FP8
+#define CUKV_DA_MINB_FP8 1
+#endif
 
 // ------------------------------------------------------------------------------------ PTX helpers
 
@@ -118,13 +130,30 @@ template <int KIND, int D> struct Geo {
   static constexpr int KU = KCH / CPU; // K units per thread and key
   static constexpr int KS = D / 16;    // QK k-steps = PV m-tiles
   static constexpr int VCH = D / 64;   // V chunks per thread and key
-  static constexpr int STAGES = 3;
+  static constexpr int STAGES = KIND == KIND_BF16 ? 3 : CUKV_DA_STAGES_Q;
 };
 
 // Position p (0..7) of a decoded chunk -> element offset in the chunk. Decoded word w holds positions
 // 2w (low half) and 2w+1 (high half). INT4 decodes nibbles (w, w+4) into word w (cheaper extraction).
 template <int KIND> __host__ __device__ constexpr int chunk_perm(int p) {
   return KIND == KIND_INT4 ? ((p & 1) ? 4 + (p >> 1) : (p >> 1)) : p;
+}
+
+// K operand layout. bf16: thread tt of a key reads the 16-byte units u*4 + tt (LDS.128). Quantized
+// rows sit at any 4-byte offset, so they are read as words, interleaved across the 4 threads of a
+// key: thread tt's j-th word of unit group u is word u*UB + tt + 4j of the row payload (with a row
+// slot of an odd number of 16-byte lines, the 32 lanes of one LDS.32 hit 32 banks). A chunk (8
+// elements) is CB/4 consecutive j. k_elem gives the element of position p (0..7) of the thread's
+// local chunk lc; k_word gives the payload word of its first word (the int4 group lookup).
+template <int KIND, int D> __host__ __device__ constexpr int k_word(int lc, int tt) {
+  return KIND == KIND_BF16 ? 0 : (lc / Geo<KIND, D>::CPU) * Geo<KIND, D>::UB + tt +
+                                   4 * ((lc % Geo<KIND, D>::CPU) * (Geo<KIND, D>::CB / 4));
+}
+template <int KIND, int D> __host__ __device__ constexpr int k_elem(int lc, int tt, int p) {
+  return KIND == KIND_BF16
+             ? 8 * ((lc / Geo<KIND, D>::CPU) * 4 * Geo<KIND, D>::CPU + tt * Geo<KIND, D>::CPU + lc % Geo<KIND, D>::CPU) + p
+         : KIND == KIND_FP8 ? 4 * (k_word<KIND, D>(lc, tt) + 4 * (p >> 2)) + (p & 3)
+                            : 8 * k_word<KIND, D>(lc, tt) + chunk_perm<KIND>(p);
 }
 
 // Per-row dequantization parameters.
@@ -193,7 +222,8 @@ __device__ __forceinline__ u32 pair_sel(u32 a, u32 b, int hi) {
 
 // ------------------------------------------------------------------------------------ the kernel
 template <int KIND, int D, int NT>
-__global__ void __launch_bounds__(128) decode_attn(
+__global__ void __launch_bounds__(128, D * NT > 128 ? 1 : KIND == KIND_INT4 ? CUKV_DA_MINB : KIND == KIND_FP8 ? CUKV_DA_MINB_FP8 : 1)
+    decode_attn(
     const u16* __restrict__ q, const u8* __restrict__ ck, const u8* __restrict__ cv,
     const void* __restrict__ qpk, const void* __restrict__ qpv, const int* __restrict__ block_tables,
     int max_pages, int page_size, int n_pages, const int* __restrict__ seqlens, int n_heads, int n_kv,
@@ -226,12 +256,11 @@ __global__ void __launch_bounds__(128) decode_attn(
   for (int i = threadIdx.x; i < KS * 32; i += blockDim.x) {
     const int ks = i >> 5, ln = i & 31, gg = ln >> 2, tt = ln & 3;
     const int lc = ks >> 1;
-    const int ckk = (lc / G_::CPU) * 4 * G_::CPU + tt * G_::CPU + lc % G_::CPU;
     u32 a[4];
 #pragma unroll
     for (int sp = 0; sp < 2; ++sp) {
       const int wd = ((ks & 1) << 1) | sp;
-      const int e0 = 8 * ckk + chunk_perm<KIND>(2 * wd), e1 = 8 * ckk + chunk_perm<KIND>(2 * wd + 1);
+      const int e0 = k_elem<KIND, D>(lc, tt, 2 * wd), e1 = k_elem<KIND, D>(lc, tt, 2 * wd + 1);
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
         const int row = gg + 8 * half;
@@ -425,12 +454,22 @@ __global__ void __launch_bounds__(128) decode_attn(
 #pragma unroll
       for (int u = 0; u < G_::KU; ++u) {
         u32 raw0[G_::UB / 4], raw1[G_::UB / 4];
-        lds<KIND, G_::UB>(kr0 + po_k + (u * 4 + tid) * G_::UB, raw0);
-        lds<KIND, G_::UB>(kr1 + po_k + (u * 4 + tid) * G_::UB, raw1);
+        if (KIND == KIND_BF16) {
+          lds<KIND, G_::UB>(kr0 + po_k + (u * 4 + tid) * G_::UB, raw0);
+          lds<KIND, G_::UB>(kr1 + po_k + (u * 4 + tid) * G_::UB, raw1);
+        } else {   // interleaved words, see k_elem
+          const u32* kw0 = reinterpret_cast<const u32*>(kr0 + po_k) + u * G_::UB + tid;
+          const u32* kw1 = reinterpret_cast<const u32*>(kr1 + po_k) + u * G_::UB + tid;
+#pragma unroll
+          for (int j = 0; j < G_::UB / 4; ++j) {
+            raw0[j] = kw0[4 * j];
+            raw1[j] = kw1[4 * j];
+          }
+        }
 #pragma unroll
         for (int c = 0; c < G_::CPU; ++c) {
           const int lc = u * G_::CPU + c;
-          const int ckk = u * 4 * G_::CPU + tid * G_::CPU + c;
+          const int ckk = KIND == KIND_INT4 ? k_word<KIND, D>(lc, tid) : 0;   // int4: chunk = word
           const uint4 qa = qf[(2 * lc) * 32 + lane], qb = qf[(2 * lc + 1) * 32 + lane];
           u32 p0[4], p1[4], w0[4], w1[4];
           pre_chunk<KIND, D>(raw0 + c * (G_::CB / 4), ckk, q0, gshift, p0);
@@ -461,15 +500,22 @@ __global__ void __launch_bounds__(128) decode_attn(
       }
 
     // ---- V rows of this thread: keys 2t, 2t+1, 8+2t, 8+2t+1 (the keys of its P^T fragment).
-    const u8* vr[4] = {stV + (2 * tid) * sV, stV + (2 * tid + 1) * sV, stV + (2 * tid + 8) * sV,
-                       stV + (2 * tid + 9) * sV};
-    RowQ vq[4];
+    // (fp8 reads their qparams here, before the softmax; the other kinds after it.)
+    auto v_rows = [&](const u8* (&vr)[4], RowQ (&vq)[4]) {
 #pragma unroll
-    for (int k = 0; k < 4; ++k) vq[k] = row_q(vr[k], (k >> 1) * 8 + 2 * tid + (k & 1), true);
+      for (int k = 0; k < 4; ++k) {
+        const int key = (k >> 1) * 8 + 2 * tid + (k & 1);
+        vr[k] = stV + key * sV;
+        vq[k] = row_q(vr[k], key, true);
+      }
+    };
+    const u8* vr[4];
+    RowQ vq[4];
     // fp8: the V scales are folded into the probabilities. e_run: the largest biased fp32 exponent
     // of any V scale seen so far (warp-uniform); p'_t = p_t * scale_t * 2^(127 - e_run) < 2 in fp16.
     float fe = 1.0f, sf[4] = {1.0f, 1.0f, 1.0f, 1.0f};
     if (FOLD) {
+      v_rows(vr, vq);
       u32 eb = 0;
 #pragma unroll
       for (int k = 0; k < 4; ++k) eb = max(eb, __float_as_uint(vq[k].s) & 0x7f800000u);
@@ -528,6 +574,7 @@ __global__ void __launch_bounds__(128) decode_attn(
 
     // ---- O^T += V^T P^T: this thread holds keys 2t, 2t+1, 8+2t, 8+2t+1 and V chunks g + 8*ci.
     {
+      if (!FOLD) v_rows(vr, vq);
       constexpr int NG = D == 256 ? 2 : 1;           // chunk groups
       constexpr int MPG = KS / NG;                    // m-tiles per group
 #pragma unroll
