@@ -19,6 +19,14 @@ _PER_HEAD = _compile.Family("per_head.cu", [
 ])
 _THREADS = 256
 _MAX_D = 8192
+_PH_HEADS = 4      # PH_HEADS in per_head.cu: heads per thread and round
+
+
+def _block_shape(n_heads, nch):
+    """``(head slots, tokens per block)`` of quantize_qkv_rows: enough head slots that each thread
+    has at most PH_HEADS heads of a token (one round of loads in flight), at most _THREADS threads."""
+    hs = max(1, min(-(-n_heads // _PH_HEADS), _THREADS // nch))
+    return hs, max(1, _THREADS // (nch * hs))
 
 
 def _valid_tokens(op, valid_tokens, B_T):
@@ -220,15 +228,14 @@ def quantize_qkv_per_head(amax, xq, xk, xv, cache_k, cache_v, cache_pos, *, toke
         return _backend.fp8_result(xq8), sq
 
     out = out if out is not None else xp.empty((B_T, N_H, D), np.uint8)
-    scale_q = xp.zeros((B, N_KVH), np.float32)
     if B_T == 0:
-        return _backend.fp8_result(out), scale_q
+        return _backend.fp8_result(out), xp.zeros((B, N_KVH), np.float32)
     i32, i64 = _compile.i32, _compile.i64
-    amax_c = xp.ascontiguousarray(amax)
-    scr = xp.empty((B, 1 + 2 * N_KVH), np.float32)
-    scr_inv = xp.empty_like(scr)
-    _compile.launch(_PER_HEAD.kernel("per_head_scales"), (-(-scr.size // _THREADS),), (_THREADS,),
-                    (amax_c, i32(B), i32(N_H), i32(N_KVH), scr, scr_inv))
+    # per_head_scales zero-fills scale_q and writes scales and inverse scales to scr [2, B, 1 + 2 N_KVH]
+    scale_q = xp.empty((B, N_KVH), np.float32)
+    scr = xp.empty((2, B, 1 + 2 * N_KVH), np.float32)
+    _compile.launch(_PER_HEAD.kernel("per_head_scales"), (-(-(B * (1 + 2 * N_KVH)) // _THREADS),),
+                    (_THREADS,), (xp.ascontiguousarray(amax), i32(B), i32(N_H), i32(N_KVH), scr, scale_q))
     xq_s, q_ts, q_hs = _strided(xp, xq)
     if kv:
         xk_s, k_ts, k_hs = _strided(xp, xk)
@@ -238,8 +245,9 @@ def quantize_qkv_per_head(amax, xq, xk, xv, cache_k, cache_v, cache_pos, *, toke
         k_ts = k_hs = v_ts = v_hs = 0
     loads = [(xq_s, q_ts, q_hs)] + ([(xk_s, k_ts, k_hs), (xv_s, v_ts, v_hs)] if kv else [])
     stores = [out] + ([cache_k, cache_v] if kv else [])
+    # vector path: 16-byte loads of bf16 chunks, 8-byte stores of code chunks
     vec = all(int(a.data.ptr) % 16 == 0 and ts % 8 == 0 and hs % 8 == 0 for a, ts, hs in loads) \
-        and all(int(a.data.ptr) % 4 == 0 for a in stores)
+        and all(int(a.data.ptr) % 8 == 0 for a in stores)
     paged = geom is not None and geom.paged
     bt = xp.ascontiguousarray(block_tables) if paged else None
     lane = xp.ascontiguousarray(token_lane) if token_lane is not None else None
@@ -247,14 +255,11 @@ def quantize_qkv_per_head(amax, xq, xk, xv, cache_k, cache_v, cache_pos, *, toke
     cpos = xp.ascontiguousarray(cache_pos)
     capacity = geom.capacity if geom is not None else -1
     nch = D // 8
-    hhx = N_H + 2 * N_KVH if kv else N_H
-    hs = min(1 << (hhx - 1).bit_length(), max(1, _THREADS // nch))
-    tpb = max(1, _THREADS // (nch * hs))
-    grid = -(-B_T // tpb)
+    hs, tpb = _block_shape(N_H + 2 * N_KVH if kv else N_H, nch)
     k = _PER_HEAD.kernel("quantize_qkv_rows", bool(vec))
-    _compile.launch(k, (grid,), (nch, hs, tpb), (
+    _compile.launch(k, (-(-B_T // tpb),), (nch, hs, tpb), (
         xq_s, i64(q_ts), i64(q_hs), xk_s, i64(k_ts), i64(k_hs), xv_s, i64(v_ts), i64(v_hs), scr,
-        scr_inv, cache_k if kv else None, cache_v if kv else None, cpos, lane, pre,
+        cache_k if kv else None, cache_v if kv else None, cpos, lane, pre,
         qparam_k if kv else None, qparam_v if kv else None, scale_q, out, bt,
         i32(bt.shape[1] if paged else 0), i32(geom.page_size if geom is not None else 1),
         i32(geom.n_pages if paged else 0), i32(geom.rows if geom is not None and not paged else 0),

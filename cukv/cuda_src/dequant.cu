@@ -209,7 +209,7 @@ __device__ __noinline__ void dequant_lane_general(
 }
 
 template <int FMT, int G>
-__global__ void __launch_bounds__(256, 4) dequantize_cache_rows(
+__global__ void __launch_bounds__(1024) dequantize_cache_rows(
     const u8* __restrict__ cache_k, const u8* __restrict__ cache_v, const int* __restrict__ words_k,
     const int* __restrict__ words_v, const float* __restrict__ scales_k,
     const float* __restrict__ scales_v, const int* __restrict__ seqlens,

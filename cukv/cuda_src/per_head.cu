@@ -26,11 +26,14 @@ __device__ __forceinline__ float scale_recipe(float a) {
   return nan_max(s, CUKV_S_MIN);
 }
 
-// scr[b, j] = scale, inv[b, j] = RN(1/scale) for j = 0 (Q), 1 + h (K head h), 1 + N_KVH + h (V head h).
+// scr[b, j] = scale and scr[B + b, j] = RN(1/scale) (scr is [2, B, 1 + 2 N_KVH]) for j = 0 (Q),
+// 1 + h (K head h), 1 + N_KVH + h (V head h); scale_q [B, N_KVH] is zero-filled (quantize_qkv_rows then
+// writes the lanes with a kept token), so the op needs no separate memset.
 __global__ void per_head_scales(const float* __restrict__ amax, int B, int n_h, int nkv,
-                                float* __restrict__ scr, float* __restrict__ inv) {
+                                float* __restrict__ scr, float* __restrict__ scale_q) {
   const int ncol = 1 + 2 * nkv;
   const i64 idx = (i64)blockIdx.x * blockDim.x + threadIdx.x;
+  if (idx < (i64)B * nkv) scale_q[idx] = 0.0f;
   if (idx >= (i64)B * ncol) return;
   const int b = (int)(idx / ncol), j = (int)(idx - (i64)b * ncol);
   const float* a = amax + (i64)b * (n_h + 2 * nkv);
@@ -43,20 +46,33 @@ __global__ void per_head_scales(const float* __restrict__ amax, int B, int n_h, 
     s = scale_recipe(__fmul_rn(64.0f, a[n_h + j - 1]));
   }
   scr[idx] = s;
-  inv[idx] = __frcp_rn(s);
+  scr[(i64)B * ncol + idx] = __frcp_rn(s);
 }
 
 // Token-major: thread (c, y, z) handles chunk c of token i = blockIdx.x * blockDim.z + z, heads
 // j = y, y + HS, ... (HS = blockDim.y) in rounds of PH_HEADS: the token's lane, slot, page and Q scale
-// are looked up once; in each round the 16-byte loads of all its heads are issued before any store.
+// are looked up once; in each round the 16-byte loads of all its heads, and the K/V heads' inverse
+// scales, are issued before any store. Codes go out as one 8-byte store per head (VEC).
 // wkv implies load_kv (a kept, non-precomputed token), so y is always loaded where it is encoded.
+// scale_q null: no scale is written (a bench probe of the kernel alone).
 #define PH_HEADS 4
 
+// The 8 e4m3 codes of E4M3(clamp(RN(y * inv), +-448)) (SPEC §2.4), stored at p (8-byte aligned if VEC).
 template <bool VEC>
-__global__ void __launch_bounds__(256, 3) quantize_qkv_rows(
+__device__ __forceinline__ void store_fp8_head_chunk(u8* p, const float (&y)[8], float inv) {
+  float q[8];
+#pragma unroll
+  for (int k = 0; k < 8; ++k) q[k] = __fmul_rn(y[k], inv);   // the encoder clamps to +-448, keeps NaN
+  const u32 lo = pack4_e4m3(q[0], q[1], q[2], q[3]), hi = pack4_e4m3(q[4], q[5], q[6], q[7]);
+  if (VEC) *reinterpret_cast<uint2*>(p) = make_uint2(lo, hi);
+  else store_u8x8<false>(p, lo, hi);
+}
+
+template <bool VEC>
+__global__ void __launch_bounds__(1024) quantize_qkv_rows(
     const u16* __restrict__ xq, i64 q_ts, i64 q_hs, const u16* __restrict__ xk, i64 k_ts, i64 k_hs,
     const u16* __restrict__ xv, i64 v_ts, i64 v_hs, const float* __restrict__ scr,
-    const float* __restrict__ scr_inv, u8* __restrict__ cache_k, u8* __restrict__ cache_v,
+    u8* __restrict__ cache_k, u8* __restrict__ cache_v,
     const int* __restrict__ cache_pos, const int* __restrict__ token_lane,
     const u8* __restrict__ precomputed, float* __restrict__ qparam_k, float* __restrict__ qparam_v,
     float* __restrict__ scale_q, u8* __restrict__ out, const int* __restrict__ block_tables,
@@ -85,7 +101,7 @@ __global__ void __launch_bounds__(256, 3) quantize_qkv_rows(
       crow = ((i64)b * max_t + cp) * nkv;
     }
   }
-  const float* inv_b = scr_inv + (i64)b * ncol;
+  const float* inv_b = scr + ((i64)B + b) * ncol;   // scr[1, b, :], the inverse scales
   const float inv_q = kept ? inv_b[0] : 0.0f;
   // K/V rows are read unless the token is precomputed; the loads do not wait for the lane / slot /
   // page lookups above (every address below is in bounds for any i < B_T), so they overlap them.
@@ -93,34 +109,43 @@ __global__ void __launch_bounds__(256, 3) quantize_qkv_rows(
   const u16* q_row = xq + i * q_ts + 8 * c;
   const u16* k_row = xk + i * k_ts + 8 * c;
   const u16* v_row = xv + i * v_ts + 8 * c;
-  u8* o_row = out + i * n_h * D;
+  u8* o_row = out + i * n_h * D + 8 * c;
   for (int j0 = threadIdx.y; j0 < hhx; j0 += PH_HEADS * hs) {
-    float y[PH_HEADS][1][8];
+    float y[PH_HEADS][8];
+    float inv[PH_HEADS];
 #pragma unroll
     for (int k = 0; k < PH_HEADS; ++k) {
       const int j = j0 + k * hs;
+      inv[k] = inv_q;
       if (j >= hhx) continue;
       const u16* src = nullptr;
-      if (j < n_h) src = q_row + j * q_hs;
-      else if (load_kv) src = j < n_h + nkv ? k_row + (j - n_h) * k_hs : v_row + (j - n_h - nkv) * v_hs;
-      if (src) Chunk<bf16_t, VEC>::load(reinterpret_cast<const bf16_t*>(src), y[k][0]);
+      if (j < n_h) {
+        src = q_row + j * q_hs;
+      } else if (load_kv) {
+        const bool is_v = j >= n_h + nkv;
+        const int h = j - n_h - (is_v ? nkv : 0);
+        src = is_v ? v_row + h * v_hs : k_row + h * k_hs;
+        if (wkv) inv[k] = inv_b[1 + (is_v ? nkv : 0) + h];
+      }
+      if (src) Chunk<bf16_t, VEC>::load(reinterpret_cast<const bf16_t*>(src), y[k]);
     }
 #pragma unroll
     for (int k = 0; k < PH_HEADS; ++k) {
       const int j = j0 + k * hs;
       if (j >= hhx) continue;
       if (j < n_h) {
-        if (kept) encode_fp8_head_row<32, 1, VEC>(y[k], D, c, o_row + (i64)j * D, inv_q);   // chunk c
-        else store_u8x8<VEC>(o_row + (i64)j * D + 8 * c, 0u, 0u);
+        u8* dst = o_row + (i64)j * D;
+        if (kept) store_fp8_head_chunk<VEC>(dst, y[k], inv[k]);
+        else if (VEC) *reinterpret_cast<uint2*>(dst) = make_uint2(0u, 0u);
+        else store_u8x8<false>(dst, 0u, 0u);
       } else if (wkv) {
         const bool is_v = j >= n_h + nkv;
         const int h = j - n_h - (is_v ? nkv : 0);
-        u8* dst = (is_v ? cache_v : cache_k) + (crow + h) * D;
-        encode_fp8_head_row<32, 1, VEC>(y[k], D, c, dst, inv_b[1 + (is_v ? nkv : 0) + h]);
+        store_fp8_head_chunk<VEC>((is_v ? cache_v : cache_k) + (crow + h) * D + 8 * c, y[k], inv[k]);
       }
     }
   }
-  if (kept && threadIdx.y == 0) {
+  if (kept && scale_q && threadIdx.y == 0) {
     const float* sc = scr + (i64)b * ncol;
     for (int k = c; k < nkv; k += blockDim.x) {
       scale_q[(i64)b * nkv + k] = sc[0];
