@@ -234,8 +234,9 @@ def quantize_qkv_per_head(amax, xq, xk, xv, cache_k, cache_v, cache_pos, *, toke
     # per_head_scales zero-fills scale_q and writes scales and inverse scales to scr [2, B, 1 + 2 N_KVH]
     scale_q = xp.empty((B, N_KVH), np.float32)
     scr = xp.empty((2, B, 1 + 2 * N_KVH), np.float32)
-    _compile.launch(_PER_HEAD.kernel("per_head_scales"), (-(-(B * (1 + 2 * N_KVH)) // _THREADS),),
-                    (_THREADS,), (xp.ascontiguousarray(amax), i32(B), i32(N_H), i32(N_KVH), scr, scale_q))
+    if B:
+        _compile.launch(_PER_HEAD.kernel("per_head_scales"), (-(-(B * (1 + 2 * N_KVH)) // _THREADS),),
+                        (_THREADS,), (xp.ascontiguousarray(amax), i32(B), i32(N_H), i32(N_KVH), scr, scale_q))
     xq_s, q_ts, q_hs = _strided(xp, xq)
     if kv:
         xk_s, k_ts, k_hs = _strided(xp, xk)
