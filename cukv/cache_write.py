@@ -28,7 +28,7 @@ _WRITE = _compile.Family("cache_write.cu", [
     _compile.expression("write_kv", f, g, D // 8) for f, g in _FMT_G for D in HEAD_DIMS])
 _BLOCK = 256               # CW_BLOCK of cache_write.cu
 _TARGET_BLOCKS = 2048      # split a token's rows over blocks until about this many blocks run
-_STAGES = 2                # tokens in flight per thread in the cp.async ring
+_STAGES = 2                # tokens in flight per thread in the cp.async ring (= CW_STAGES of cache_write.cu)
 _RING_MAX = 96 * 1024      # bytes of dynamic shared memory the ring may take per block
 _ASYNC_OK = True
 

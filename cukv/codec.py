@@ -44,15 +44,51 @@ def quantize_team_shape(fmt: str, D: int) -> tuple[int, int]:
     return wide_team_shape(D) if fmt in ("int4", "int4:g1") else _compile.team_shape(D)
 
 
+FIT_DIMS = (64, 128, 256)   # head sizes with a compile-time-D quantize kernel (D == 8*W*V)
+
+
+# (G, V) of codec.cu's quantize_int4_owned: INT4 groups of 8V elements, one group per lane. On the
+# H100 (D = 128) it beats the sub-team encoder of rows.cuh, which spends a team shuffle chain and a
+# scale division on every 8 elements.
+OWNED = ((2, 4), (4, 2), (4, 4), (8, 2), (8, 4))
+
+
+def _quantize_shapes(f, g):
+    return (*WIDE_SHAPES, *_compile.TEAM_SHAPES) if (f, g) == (3, 1) else _compile.TEAM_SHAPES
+
+
 _CODEC = _compile.Family("codec.cu", [
-    *(_compile.expression("quantize_rows", t, f, g, w, v)
+    *(_compile.expression("quantize_rows", t, f, g, w, v, fit)
       for t in IN_TYPES.values() for f, g in _FMT_G
-      for w, v in (WIDE_SHAPES if (f, g) == (3, 1) else _compile.TEAM_SHAPES)),
+      for w, v in _quantize_shapes(f, g)
+      for fit in ((False, True) if 8 * w * v in FIT_DIMS else (False,))),
+    *(_compile.expression("quantize_int4_owned", t, g, v) for t in IN_TYPES.values() for g, v in OWNED),
     *(_compile.expression("dequantize_rows", f, g, w, v)
       for f, g in _FMT_G for w, v in _compile.TEAM_SHAPES),
 ])
 _BLOCK = 128   # quantize_rows' __launch_bounds__; on the H100 128 beat 256 for every format
 _DQ_BLOCK = 256
+_SMS: dict = {}
+
+
+def sm_count() -> int:
+    """Multiprocessors of the current device (cached per device)."""
+    cp = _backend.cupy()
+    dev = cp.cuda.Device().id
+    n = _SMS.get(dev)
+    if n is None:
+        n = _SMS[dev] = int(cp.cuda.runtime.getDeviceProperties(dev)["multiProcessorCount"])
+    return n
+
+
+def resident_blocks(kernel, block: int, smem: int = 0) -> int:
+    """Blocks of ``block`` threads one SM holds at once (registers, shared memory, 2048 threads)."""
+    regs = max(1, int(getattr(kernel, "num_regs", 64) or 64))
+    per_warp = -(-regs * 32 // 256) * 256
+    by_regs = 65536 // (per_warp * (block // 32))
+    static = int(getattr(kernel, "shared_size_bytes", 0) or 0)
+    by_smem = (227 * 1024) // (static + smem + 1024) if static + smem else 32
+    return max(1, min(2048 // block, 32, by_regs, by_smem))
 
 
 def fmt_targs(fmt: str) -> tuple[int, int]:
@@ -139,12 +175,19 @@ def quantize(x, fmt, *, external_qparams=False, scale=None):
     out = xp.empty(lead + (R,), dtype=_checks.BF16 if kind == "bf16" else np.uint8)
     words = xp.empty(lead, dtype=np.int32) if external_qparams else None
     srow = xp.ascontiguousarray(s_b.reshape(-1)) if s_b is not None else None
-    k = _CODEC.kernel("quantize_rows", IN_TYPES[x.dtype], fcode, G, W, V)
+    gv = (G, D // (8 * G)) if kind == "int4" and D % (8 * G) == 0 else None
+    if gv in OWNED and _checks.aligned(x, 16) and _checks.aligned(out, 16):
+        k = _CODEC.kernel("quantize_int4_owned", IN_TYPES[x.dtype], *gv)
+        blocks = min(-(-n * G // _BLOCK), sm_count() * resident_blocks(k, _BLOCK))
+        _compile.launch(k, (blocks,), (_BLOCK,), (x, _compile.i64(n), out))
+        return out
+    k = _CODEC.kernel("quantize_rows", IN_TYPES[x.dtype], fcode, G, W, V, D == 8 * W * V and D in FIT_DIMS)
     vec = _checks.aligned(x, 16) and _checks.aligned(out, 16 if kind == "bf16" else 4)
     row_stride = out.itemsize * R   # bytes per output row
-    rows_per_team = 2 if V <= 2 else 1          # CUKV_CODEC_ROWS(V) in codec.cu
+    rows_per_team = 1                          # CUKV_CODEC_ROWS(V) in codec.cu
     teams = -(-n // rows_per_team)
-    _compile.launch(k, (-(-teams * W // _BLOCK),), (_BLOCK,),
+    blocks = min(-(-teams * W // _BLOCK), sm_count() * resident_blocks(k, _BLOCK))   # one wave
+    _compile.launch(k, (blocks,), (_BLOCK,),
                     (x, _compile.i64(n), _compile.i32(D), out, _compile.i32(row_stride), words, srow,
                      _compile.i32(vec)))
     return _mark_codes((out, words) if external_qparams else out, kind, external_qparams)

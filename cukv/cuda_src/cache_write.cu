@@ -46,6 +46,16 @@
 #define CW_MAX_HALF 128     // D/2 for D = 256
 #define CW_TAB 2048         // doubles of position tables per block (16 KiB): ch * D/2 * (2 or 4)
 #define CW_CH_MAX 32        // tokens per chunk
+#define CW_STAGES 2         // tokens in flight per thread in the cp.async ring (cache_write.py _STAGES)
+
+// Table position of pair p (SPEC §4.3) inside each [H] table of a token. Interleaved pairs are stored
+// so that lane l's pairs 4l..4l+3 sit at [2l, 2l+1] and [H/2 + 2l, H/2 + 2l + 1]: two 16-byte loads
+// per table whose addresses are consecutive across the team's lanes (no shared-memory bank
+// conflicts). Half-split pairs keep the natural order.
+template <int H>
+__device__ __forceinline__ int tab_pos(int p, bool interleaved) {
+  return interleaved ? ((p & 3) >> 1) * (H / 2) + (p >> 2) * 2 + (p & 1) : p;
+}
 
 // Every lane of the team ends with the integer max.
 template <int W> __device__ __forceinline__ int team_max_int(int v) {
@@ -117,19 +127,28 @@ __device__ __forceinline__ void rotate8(float (&y)[8], int e0, bool interleaved,
                                         const double* cs, const double* sn, const double* z) {
   constexpr int D = 8 * W, H = D / 2;
   if (interleaved) {
+    // Pairs e0/2 + k, k = 0..3, at tab_pos: [2l, 2l+1] and [H/2 + 2l, H/2 + 2l + 1] with l = e0/8.
+    const int l2 = e0 / 4;
 #pragma unroll
-    for (int k = 0; k < 4; ++k) {
-      const int p = e0 / 2 + k;
-      const double c = cs[p], s = sn[p];
-      const double xi = (double)y[2 * k], xj = (double)y[2 * k + 1];
-      double yi = __dsub_rn(__dmul_rn(xi, c), __dmul_rn(xj, s));
-      double yj = __dadd_rn(__dmul_rn(xj, c), __dmul_rn(xi, s));
-      if (xpos) {
-        yi = __dmul_rn(yi, z[p]);
-        yj = __dmul_rn(yj, z[p]);
+    for (int h = 0; h < 2; ++h) {
+      const int o = h * (H / 2) + l2;
+      const double2 c2 = *reinterpret_cast<const double2*>(cs + o);
+      const double2 s2 = *reinterpret_cast<const double2*>(sn + o);
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        const int k = 2 * h + j;
+        const double c = j ? c2.y : c2.x, s = j ? s2.y : s2.x;
+        const double xi = (double)y[2 * k], xj = (double)y[2 * k + 1];
+        double yi = __dsub_rn(__dmul_rn(xi, c), __dmul_rn(xj, s));
+        double yj = __dadd_rn(__dmul_rn(xj, c), __dmul_rn(xi, s));
+        if (xpos) {
+          const double zp = z[o + j];
+          yi = __dmul_rn(yi, zp);
+          yj = __dmul_rn(yj, zp);
+        }
+        y[2 * k] = __double2float_rn(yi);
+        y[2 * k + 1] = __double2float_rn(yj);
       }
-      y[2 * k] = __double2float_rn(yi);
-      y[2 * k + 1] = __double2float_rn(yj);
     }
   } else {
     // Pair (p, p + D/2): the partner element sits in lane ^ W/2 at the same offset.
@@ -160,7 +179,9 @@ template <int W> __device__ __forceinline__ double team_sum_f64(double v) {
 
 // qk_norm (SPEC §4.5): ms = RN_f32(sum y^2 / D), r = RN(1 / RN(sqrt(RN(ms + eps)))). The squares
 // (exact in float64) are summed in float64 like the reference, so ms is almost always the same fp32
-// value as the reference's (the spec allows any fp32 summation; this one keeps code flips rare).
+// value as the reference's (the spec allows any fp32 summation; this one keeps code flips rare). On
+// the H100 this is cheaper than an exact fp32 pair sum (TwoSum): the kernel is issue-bound, and the
+// pair costs ~10 fp32 instructions per element against one conversion and one DFMA.
 template <int W>
 __device__ __forceinline__ void qk_norm8(float (&y)[8], float eps) {
   double ss = 0.0;
@@ -232,9 +253,13 @@ __global__ void __launch_bounds__(CW_BLOCK, CW_MINB) write_kv(
     const void* __restrict__ vt_ptr, int vt_kind, i64 vt_host,
     const double* __restrict__ freqs, const double* __restrict__ zeta, double xoff, double xbase,
     int n_tok, int n_h, int n_kvh, int B, int capacity, int max_pages, int S, int n_pages, i64 row_bytes,
-    int amax_cols, float eps, int mode, int flags, int npf, int stages, int ch) {
+    int amax_cols, float eps, int mode, int flags, int npf, int stages_arg, int ch) {
   constexpr int D = 8 * W, H = D / 2;
-  __shared__ double s_tab[CW_TAB];            // [ch][cos, sin, zq, zk][H]
+  // The ring is CW_STAGES tokens deep (the host passes the same; a constant keeps the per-token
+  // ring index a mask instead of an integer division).
+  constexpr int stages = CW_STAGES;
+  (void)stages_arg;
+  __shared__ __align__(16) double s_tab[CW_TAB];   // [ch][cos, sin, zq, zk][H], pairs at tab_pos(p)
   __shared__ i64 s_slot[CW_CH_MAX];
   __shared__ int s_b[CW_CH_MAX];
   __shared__ int s_fl[CW_CH_MAX];             // bit 0: keep, bit 1: fp8_head K/V scales precomputed
@@ -296,12 +321,13 @@ __global__ void __launch_bounds__(CW_BLOCK, CW_MINB) write_kv(
         const double a = __dmul_rn((double)p, freqs[pp]);
         double sn, cs;
         sincos(a, &sn, &cs);
-        tab[pp] = cs;
-        tab[H + pp] = sn;
+        const int q = tab_pos<H>(pp, inter);
+        tab[q] = cs;
+        tab[H + q] = sn;
         if (mode == 2) {
           const double e = __ddiv_rn(__dsub_rn((double)p, xoff), xbase);
-          tab[2 * H + pp] = pow(zeta[pp], e);
-          tab[3 * H + pp] = pow(zeta[pp], -e);   // (pos - off) / (-scale_base) == -e exactly
+          tab[2 * H + q] = pow(zeta[pp], e);
+          tab[3 * H + q] = pow(zeta[pp], -e);   // (pos - off) / (-scale_base) == -e exactly
         }
       }
     }

@@ -1,8 +1,10 @@
 // cukv/cuda_src/codec.cu: the row codec, cukv.quantize / cukv.dequantize (SPEC §2.7).
 //
-// quantize_rows<InT, FMT, G, W, V>: n_rows rows of D elements (InT = bf16_t / f16_t / float, C-contiguous)
-//   -> n_rows rows of R bytes in FMT (2D bytes for bf16) (rows.cuh gives the byte layout). fp8 with `words` non-null writes
-//   the qparam word there (external) and R = D; fp8_head reads one float32 scale per row.
+// quantize_rows<InT, FMT, G, W, V, FIT>: n_rows rows of D elements (InT = bf16_t / f16_t / float,
+//   C-contiguous) -> n_rows rows of R bytes in FMT (2D bytes for bf16) (rows.cuh gives the byte layout).
+//   fp8 with `words` non-null writes the qparam word there (external) and R = D; fp8_head reads one
+//   float32 scale per row. FIT: D == 8*W*V known at compile time.
+// quantize_int4_owned<InT, G, V>: int4:gG rows whose groups are 8V elements, one group per lane.
 // dequantize_rows<FMT, G, W, V>: the inverse, to bf16 rows of D elements.
 // One team of W lanes per row; lanes hold V chunks of 8 elements. `vec` selects 16-byte (input) and
 // 4/16-byte (output) accesses; the host sets it when every base pointer is aligned for them.
@@ -11,44 +13,150 @@
 #define CUKV_FULL_WARP_TEAMS
 #include "rows.cuh"
 
-// Each team encodes CUKV_CODEC_ROWS(V) consecutive rows: all their loads are issued before the first
-// reduction, so more bytes are in flight and two shuffle chains interleave.
-#define CUKV_CODEC_ROWS(V) ((V) <= 2 ? 2 : 1)
+// Rows each team encodes at a time. With the prefetch below one row per team is best on the H100
+// (fp8 90% vs 88% of copy for two rows, int4:g4 66% vs 63%: fewer registers, more resident warps).
+#ifndef CUKV_CODEC_ROWS
+#define CUKV_CODEC_ROWS(V) 1
+#endif
 
 #ifndef CUKV_QUANT_MIN_BLOCKS
 #define CUKV_QUANT_MIN_BLOCKS 1
 #endif
 
-// Launched with 128-thread blocks.
-template <typename InT, int FMT, int G, int W, int V>
-__global__ void __launch_bounds__(128, CUKV_QUANT_MIN_BLOCKS) quantize_rows(const InT* __restrict__ x, i64 n_rows, int D, u8* __restrict__ out, int R,
-                              int* __restrict__ words, const float* __restrict__ scale, int vec) {
-  constexpr int NR = CUKV_CODEC_ROWS(V);
-  const i64 tid = (i64)blockIdx.x * blockDim.x + threadIdx.x;
-  const int lane = threadIdx.x % W;
-  // A warp leaves only as a whole; a team past the end works on the last row (same bytes, written twice).
-  if ((tid & ~(i64)31) / W * NR >= n_rows) return;
-  const i64 row0 = tid / W * NR;
-  float y[NR][V][8];
+// One chunk of 8 input elements as raw 16-byte words (bf16 / f16: one, float: two), so a prefetched
+// chunk costs 4 (8) registers until it is widened.
+template <typename InT> struct RawChunk {
+  static constexpr int N = sizeof(InT) / 2;
+  uint4 u[N];
+  __device__ __forceinline__ void load(const InT* p) {
 #pragma unroll
-  for (int r = 0; r < NR; ++r) {
-    const i64 row = min(row0 + r, n_rows - 1);
-    const InT* src = x + row * (i64)D;
-#pragma unroll (V <= 4 ? V : 1)
-    for (int c = 0; c < V; ++c) {
-      if (!chunk_valid<W>(c, lane, D)) continue;
-      if (vec) Chunk<InT, true>::load(src + chunk_elem<W>(c, lane), y[r][c]);
-      else Chunk<InT, false>::load(src + chunk_elem<W>(c, lane), y[r][c]);
-    }
+    for (int k = 0; k < N; ++k) u[k] = reinterpret_cast<const uint4*>(p)[k];
   }
+  __device__ __forceinline__ void widen(float (&f)[8]) const {
+    Chunk<InT, true>::load(reinterpret_cast<const InT*>(u), f);   // register-only: u is local
+  }
+};
+
+// Encode the team's NR rows starting at row0 (rows past the end redo the last row: same bytes).
+template <int FMT, int G, int W, int V, bool VEC, int NR>
+__device__ __forceinline__ void quantize_team_rows(const float (&y)[NR][V][8], i64 row0, i64 n_rows, int D,
+                                                   int lane, u8* __restrict__ out, int R,
+                                                   int* __restrict__ words, const float* __restrict__ scale) {
 #pragma unroll
   for (int r = 0; r < NR; ++r) {
     const i64 row = min(row0 + r, n_rows - 1);
-    u8* dst = out + row * (i64)R;
     int* w = words ? words + row : nullptr;
     const float inv = FMT == FMT_FP8_HEAD ? __frcp_rn(scale[row]) : 0.0f;
-    if (vec) encode_row<FMT, G, W, V, true>(y[r], D, lane, dst, w, inv);
-    else encode_row<FMT, G, W, V, false>(y[r], D, lane, dst, w, inv);
+    encode_row<FMT, G, W, V, VEC>(y[r], D, lane, out + row * (i64)R, w, inv);
+  }
+}
+
+// Launched with 128-thread blocks and a grid of at most one wave of resident blocks: teams stride
+// over the rows (team t takes rows NR*t, NR*(t + n_teams), ...), and with 16-byte inputs each team
+// loads its next rows before it encodes the current ones, so loads stay in flight while it computes.
+// FIT: the host checked D == 8*W*V, so D is a compile-time constant: no chunk-validity tests, and the
+// INT4 group layout (sub-team or general) is resolved at compile time (no out-of-line call that
+// would take y's address and move it to local memory).
+template <typename InT, int FMT, int G, int W, int V, bool FIT>
+__global__ void __launch_bounds__(128, CUKV_QUANT_MIN_BLOCKS) quantize_rows(const InT* __restrict__ x, i64 n_rows, int D_arg, u8* __restrict__ out, int R,
+                              int* __restrict__ words, const float* __restrict__ scale, int vec) {
+  constexpr int NR = CUKV_CODEC_ROWS(V);
+  const int D = FIT ? 8 * W * V : D_arg;
+  const i64 tid = (i64)blockIdx.x * blockDim.x + threadIdx.x;
+  const int lane = threadIdx.x % W;
+  const i64 n_teams = (i64)gridDim.x * blockDim.x / W;
+  // A warp stays or leaves as a whole (full-warp shuffles): its first team decides.
+  i64 t = tid / W, wt = (tid & ~(i64)31) / W;
+  if (wt * NR >= n_rows) return;
+  if (vec) {
+    RawChunk<InT> raw[NR][V];
+    auto fetch = [&](i64 team) {
+#pragma unroll
+      for (int r = 0; r < NR; ++r) {
+        const InT* src = x + min(team * NR + r, n_rows - 1) * (i64)D;
+#pragma unroll (V <= 4 ? V : 1)
+        for (int c = 0; c < V; ++c)
+          if (chunk_valid<W>(c, lane, D)) raw[r][c].load(src + chunk_elem<W>(c, lane));
+      }
+    };
+    fetch(t);
+    for (;;) {
+      float y[NR][V][8];
+#pragma unroll
+      for (int r = 0; r < NR; ++r)
+#pragma unroll (V <= 4 ? V : 1)
+        for (int c = 0; c < V; ++c)
+          if (chunk_valid<W>(c, lane, D)) raw[r][c].widen(y[r][c]);
+      const bool more = (wt + n_teams) * NR < n_rows;
+      if (more) fetch(t + n_teams);
+      quantize_team_rows<FMT, G, W, V, true, NR>(y, t * NR, n_rows, D, lane, out, R, words, scale);
+      if (!more) break;
+      t += n_teams;
+      wt += n_teams;
+    }
+  } else {
+    for (; wt * NR < n_rows; t += n_teams, wt += n_teams) {
+      float y[NR][V][8];
+#pragma unroll
+      for (int r = 0; r < NR; ++r) {
+        const InT* src = x + min(t * NR + r, n_rows - 1) * (i64)D;
+#pragma unroll (V <= 4 ? V : 1)
+        for (int c = 0; c < V; ++c)
+          if (chunk_valid<W>(c, lane, D)) Chunk<InT, false>::load(src + chunk_elem<W>(c, lane), y[r][c]);
+      }
+      quantize_team_rows<FMT, G, W, V, false, NR>(y, t * NR, n_rows, D, lane, out, R, words, scale);
+    }
+  }
+}
+
+// INT4 with G > 1 groups of 8V elements, lane-owned: a team of G lanes per row, lane g holds group g
+// (V chunks, 8V consecutive elements, loaded as V 16-byte words). Each lane reduces, derives its
+// group's scale and encodes on its own: no shuffles, one scale division per 8V elements instead of
+// per chunk, and the nibbles leave in one 16-byte (V = 4, G >= 4) or V/2 8-byte stores. The codes are
+// the sub-team encoder's (rows.cuh int4_group / int4_codes8 / int4_word). Launched with 128-thread
+// blocks, one wave of resident blocks; teams stride over the rows and prefetch their next row.
+// The host uses it only with 16-byte aligned x and out (every access below is vectorized).
+template <typename InT, int G, int V>
+__global__ void __launch_bounds__(128) quantize_int4_owned(const InT* __restrict__ x, i64 n_rows,
+                                                           u8* __restrict__ out) {
+  constexpr int D = 8 * G * V, R = D / 2 + 4 * G;
+  const int g = threadIdx.x % G;
+  const i64 n_teams = (i64)gridDim.x * (blockDim.x / G);
+  i64 row = ((i64)blockIdx.x * blockDim.x + threadIdx.x) / G;
+  if (row >= n_rows) return;
+  RawChunk<InT> raw[V];
+  auto fetch = [&](i64 r) {
+    const InT* src = x + r * D + g * 8 * V;
+#pragma unroll
+    for (int c = 0; c < V; ++c) raw[c].load(src + 8 * c);
+  };
+  fetch(row);
+  for (;;) {
+    float y[V][8];
+#pragma unroll
+    for (int c = 0; c < V; ++c) raw[c].widen(y[c]);
+    const i64 next = row + n_teams;
+    const bool more = next < n_rows;
+    if (more) fetch(next);
+    float mn = __int_as_float(0x7f800000), mx = -__int_as_float(0x7f800000);
+#pragma unroll
+    for (int c = 0; c < V; ++c) chunk_minmax(y[c], mn, mx);
+    const u32 bad = nonfinite(mn, mx);
+    const Int4Group grp = int4_group(mn, mx);
+    u32 p[V];
+#pragma unroll
+    for (int c = 0; c < V; ++c) p[c] = bad ? 0u : int4_codes8(y[c], grp);
+    u8* dst = out + row * R;
+    *reinterpret_cast<u32*>(dst + 4 * g) = int4_word(grp.s, mn, bad);
+    u8* nib = dst + 4 * G + g * 4 * V;
+    if constexpr (V == 4 && G >= 4) {
+      *reinterpret_cast<uint4*>(nib) = make_uint4(p[0], p[1], p[2], p[3]);
+    } else {
+#pragma unroll
+      for (int c = 0; c < V; c += 2) *reinterpret_cast<uint2*>(nib + 4 * c) = make_uint2(p[c], p[c + 1]);
+    }
+    if (!more) break;
+    row = next;
   }
 }
 

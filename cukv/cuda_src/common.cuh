@@ -54,6 +54,14 @@ __device__ __forceinline__ u16 f32_to_f16(float f) {
   return r;
 }
 
+// Two floats -> one word of two fp16 (RN each): lo in bits 0-15, hi in bits 16-31. One F2FP
+// instruction, bit-identical to f32_to_f16(lo) | f32_to_f16(hi) << 16.
+__device__ __forceinline__ u32 pack_f16x2(float lo, float hi) {
+  u32 r;
+  asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+  return r;
+}
+
 // RN_f16(a*b + c) with one rounding (an fp16 fma), on fp16 bit patterns.
 __device__ __forceinline__ u16 f16_fma(u16 a, u16 b, u16 c) {
   u16 r;

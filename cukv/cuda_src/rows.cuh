@@ -77,7 +77,7 @@ __device__ __forceinline__ void encode_fp8_row(const float (&y)[V][8], int D, in
   s = s > CUKV_S_MIN ? s : CUKV_S_MIN;
   const float z = __fadd_rn(mn, __fmul_rn(448.0f, s));
   const float inv = __frcp_rn(s);
-  const u32 w = bad ? CUKV_NAN_WORD : ((u32)f32_to_f16(s) | ((u32)f32_to_f16(z) << 16));
+  const u32 w = bad ? CUKV_NAN_WORD : pack_f16x2(s, z);
   u8* codes = row + (word ? 0 : 4);
 #pragma unroll (V <= 4 ? V : 1)
   for (int c = 0; c < V; ++c) {
@@ -117,10 +117,13 @@ __device__ __forceinline__ void encode_fp8_head_row(const float (&y)[V][8], int 
 // q = round_half_even(RN_f32(RN_f64(f64(RN_f32(y - mn)) * inv))) & 0xF with
 // inv = RN_f64(15 / RN_f64(RN_f64(15 * s) + 1e-8)) (SPEC §2.5).
 //
-// Fast path, in fp32: inv32 ~ 15 / (15 s + 1e-8) with a relative error below 2^-20, so d * inv32 lies
-// within 2^-15 of the spec's v (|d * inv| <= ~15). Away from half-integers
-// rint(p) == rint(v); within 2^-12 of one (rare), or for NaN, int4_code_exact runs the spec's float64
+// Fast path, in fp32: inv32 = RN(15 * RN(1 / RN(15 s + 1e-8f))) is within 2^-22 (relative) of the
+// spec's float64 inv (three fp32 roundings; 1e-8f is 1e-8 within 2^-24), so with d <= ~15 s the exact
+// product d * inv32 lies within 15 * 2^-22 < 2^-18 of d * inv, v = RN_f32(RN_f64(d * inv)) within
+// 2^-21 + 2^-52 more, and e below within 2^-26 more. Where p is farther than 2^-16 from every half-integer, rint(p) == rint(v);
+// within 2^-16 of one (about 2^-15 of the elements), or for NaN, int4_redo8 runs the spec's float64
 // formula. Rounding to an integer uses the 1.5 * 2^23 magic addition (round half to even).
+#define CUKV_INT4_TIE (0.5f - 0x1p-16f)
 struct Int4Group {
   float mn, s, inv32;
 };
@@ -129,7 +132,7 @@ __device__ __forceinline__ Int4Group int4_group(float mn, float mx) {
   Int4Group g;
   g.mn = mn;
   g.s = __fdiv_rn(__fsub_rn(mx, mn), 15.0f);
-  g.inv32 = __fdividef(15.0f, __fmaf_rn(15.0f, g.s, 1e-8f));  // approximate: rel. error < 2^-20
+  g.inv32 = __fmul_rn(15.0f, __frcp_rn(__fmaf_rn(15.0f, g.s, 1e-8f)));
   return g;
 }
 
@@ -139,6 +142,25 @@ __device__ __forceinline__ double int4_inv64(float s) {
 }
 __device__ __forceinline__ u32 int4_code64(float d, double inv) {
   return (u32)__float2int_rn(__double2float_rn(__dmul_rn((double)d, inv))) & 0xfu;
+}
+
+// The exact redo of a chunk with an element near a half-integer (or NaN): every such element gets
+// the float64 formula. Out of line, with the chunk passed by value, so its float64 registers do not
+// raise the register count (and lower the occupancy) of the fast path, and no array goes to local
+// memory.
+__device__ __noinline__ u32 int4_redo8(u32 packed, float inv32, float s, float d0, float d1, float d2,
+                                      float d3, float d4, float d5, float d6, float d7) {
+  const float M = 12582912.0f;
+  const float d[8] = {d0, d1, d2, d3, d4, d5, d6, d7};
+  const double inv = int4_inv64(s);       // one float64 division for the chunk
+#pragma unroll
+  for (int k = 0; k < 8; ++k) {           // unrolled: a run-time index into d would move it to local memory
+    const float t = __fmaf_rn(d[k], inv32, M);
+    const float e = __fmaf_rn(d[k], inv32, -__fsub_rn(t, M));
+    if (!(fabsf(e) < CUKV_INT4_TIE))
+      packed = (packed & ~(0xfu << (4 * k))) | (int4_code64(d[k], inv) << (4 * k));
+  }
+  return packed;
 }
 
 // Eight codes of one chunk, packed (element k in bits 4k..4k+3). t = RN(d * inv32 + 1.5 * 2^23) holds
@@ -159,16 +181,8 @@ __device__ __forceinline__ u32 int4_codes8(const float (&y)[8], const Int4Group&
     packed += __float_as_uint(t) << (4 * k);
   }
   packed -= 0x4B400000u * 0x11111111u;   // the magic's bits in every nibble position (mod 2^32)
-  if (!(emax < 0.5f - 0x1p-12f)) {        // rare: some element near a half-integer, or NaN
-    const double inv = int4_inv64(g.s);   // one float64 division for the chunk
-#pragma unroll
-    for (int k = 0; k < 8; ++k) {         // unrolled: a run-time index into d would move it to local memory
-      const float t = __fmaf_rn(d[k], g.inv32, M);
-      const float e = __fmaf_rn(d[k], g.inv32, -__fsub_rn(t, M));
-      if (!(fabsf(e) < 0.5f - 0x1p-12f))
-        packed = (packed & ~(0xfu << (4 * k))) | (int4_code64(d[k], inv) << (4 * k));
-    }
-  }
+  if (!(emax < CUKV_INT4_TIE))         // rare: some element near a half-integer, or NaN
+    packed = int4_redo8(packed, g.inv32, g.s, d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7]);
   return packed;
 }
 
@@ -178,11 +192,11 @@ __device__ __forceinline__ u32 int4_code1(float y, const Int4Group& g) {
   const float p = __fmul_rn(d, g.inv32);
   const float t = __fadd_rn(p, 12582912.0f);
   const float dist = fabsf(__fsub_rn(p, __fsub_rn(t, 12582912.0f)));
-  return dist < 0.5f - 0x1p-12f ? (__float_as_uint(t) & 0xfu) : int4_code64(d, int4_inv64(g.s));
+  return dist < CUKV_INT4_TIE ? (__float_as_uint(t) & 0xfu) : int4_code64(d, int4_inv64(g.s));
 }
 
 __device__ __forceinline__ u32 int4_word(float s, float mn, u32 bad) {
-  return bad ? (CUKV_NAN_HALF | (CUKV_NAN_HALF << 16)) : ((u32)f32_to_f16(s) | ((u32)f32_to_f16(mn) << 16));
+  return bad ? (CUKV_NAN_HALF | (CUKV_NAN_HALF << 16)) : pack_f16x2(s, mn);
 }
 
 // Fast path: every group is gs/8 = sw consecutive chunks held by an aligned sub-team of sw lanes
