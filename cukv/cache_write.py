@@ -15,7 +15,7 @@ import threading
 import numpy as np
 
 from . import _backend, _checks, _compile
-from .codec import fmt_targs
+from .codec import fmt_targs, sm_count
 from .formats import parse_format
 from .ref import cache_write as ref
 from .rope import position_tables
@@ -34,7 +34,6 @@ _ASYNC_OK = True
 
 # kernel flags (cache_write.cu)
 _INTERLEAVED, _QK_NORM, _Q_BACK, _K_BACK, _VEC_IN, _VEC_CACHE, _ALL_PRE, _ASYNC = 1, 2, 4, 8, 16, 32, 64, 128
-_SMS: dict = {}
 
 _TABLES: dict = {}
 _TABLES_LOCK = threading.Lock()
@@ -53,15 +52,6 @@ def _device_tables(pos_enc, D: int, host):
                 t = tuple(None if a is None else cp.asarray(a) for a in host)
                 _TABLES[key] = t
     return t
-
-
-def _sm_count() -> int:
-    cp = _backend.cupy()
-    dev = cp.cuda.Device().id
-    n = _SMS.get(dev)
-    if n is None:
-        n = _SMS[dev] = int(cp.cuda.runtime.getDeviceProperties(dev)["multiProcessorCount"])
-    return n
 
 
 def _resident_blocks(kernel, smem_dyn: int) -> int:
@@ -386,7 +376,7 @@ def _write(op, xq, xk, xv, cache_k, cache_v, lanes, pos, *, lane_arg, pos_arg, f
     _allow_dynamic_smem(k, smem)
     # one wave of resident blocks walks the tokens, in chunks of `ch` (position tables of a chunk fit
     # the kernel's 2048-double table)
-    gx = max(1, min(n, _sm_count() * _resident_blocks(k, smem) // split))
+    gx = max(1, min(n, sm_count() * _resident_blocks(k, smem) // split))
     ch = 32 if not mode else max(1, min(32, 2048 // ((D // 2) * (4 if mode == 2 else 2))))
     i32, i64, f32 = _compile.i32, _compile.i64, _compile.f32
     _compile.launch(k, (gx, split), (_BLOCK,), shared_mem=smem, args=(

@@ -17,10 +17,11 @@ FMT_CODE = {"bf16": 0, "fp8": 1, "fp8_head": 2, "int4": 3}
 IN_TYPES = {_checks.BF16: "bf16_t", _checks.F16: "f16_t", _checks.F32: "float"}
 _FMT_G = [(0, 1), (1, 1), (2, 1), (3, 1), (3, 2), (3, 4), (3, 8)]
 
-# Team shapes. Most formats use _compile.team_shape (one chunk of 8 elements per lane, two rows per
-# team for short rows). INT4 with one group per row is faster with 4 chunks per lane (the per-row
-# reduction and scale division are shared by fewer lanes): on the H100, 73% vs 64% of copy for
-# int4:g1, while fp8 (87% vs 85%) and grouped INT4 (48% vs 43%) prefer one chunk per lane.
+# Team shapes. Most formats use _compile.team_shape (one chunk of 8 elements per lane, one row per
+# team at a time). INT4 with one group per row is faster with 4 chunks per lane (the per-row
+# reduction and scale division are shared by fewer lanes): on the H100 (D = 128, 16-byte inputs),
+# 80% vs 66% of copy for int4:g1, while fp8 prefers one chunk per lane (92%). Grouped INT4 with
+# groups of 16 or 32 elements goes to quantize_int4_owned (OWNED below).
 WIDE_SHAPES = ((1, 1), (1, 2), (1, 4), (2, 4), (4, 4), (8, 4), (16, 4), (32, 4), (32, 8), (32, 16),
                (32, 32))
 
@@ -48,13 +49,13 @@ FIT_DIMS = (64, 128, 256)   # head sizes with a compile-time-D quantize kernel (
 
 
 # (G, V) of codec.cu's quantize_int4_owned: INT4 groups of 8V elements, one group per lane. On the
-# H100 (D = 128) it beats the sub-team encoder of rows.cuh, which spends a team shuffle chain and a
-# scale division on every 8 elements.
+# H100 (int4:g4, D = 128) it reaches 87% of copy against 71% for the sub-team encoder of rows.cuh,
+# which spends a team shuffle chain and a scale division on every 8 elements.
 OWNED = ((2, 4), (4, 2), (4, 4), (8, 2), (8, 4))
 
 
 def _quantize_shapes(f, g):
-    return (*WIDE_SHAPES, *_compile.TEAM_SHAPES) if (f, g) == (3, 1) else _compile.TEAM_SHAPES
+    return WIDE_SHAPES if (f, g) == (3, 1) else _compile.TEAM_SHAPES
 
 
 _CODEC = _compile.Family("codec.cu", [
