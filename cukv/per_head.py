@@ -14,18 +14,17 @@ __all__ = ["quantize_qkv_per_head"]
 
 _PER_HEAD = _compile.Family("per_head.cu", [
     _compile.expression("per_head_scales"),
-    _compile.expression("quantize_qkv_rows", True),
-    _compile.expression("quantize_qkv_rows", False),
+    *(_compile.expression("quantize_qkv_rows", vec, nh) for vec in (True, False) for nh in (4, 8)),
 ])
 _THREADS = 256
-_MAX_D = 8192
-_PH_HEADS = 4      # PH_HEADS in per_head.cu: heads per thread and round
+_MAX_D = 2048      # D/8 threads per row, at most one 256-thread block
+HEADS = 8          # heads per thread and round of quantize_qkv_rows: 4 or 8 (runtime; the bench probes it)
 
 
-def _block_shape(n_heads, nch):
+def _block_shape(n_heads, nch, nh):
     """``(head slots, tokens per block)`` of quantize_qkv_rows: enough head slots that each thread
-    has at most PH_HEADS heads of a token (one round of loads in flight), at most _THREADS threads."""
-    hs = max(1, min(-(-n_heads // _PH_HEADS), _THREADS // nch))
+    has at most ``nh`` heads of a token (one round of loads in flight), at most _THREADS threads."""
+    hs = max(1, min(-(-n_heads // nh), _THREADS // nch))
     return hs, max(1, _THREADS // (nch * hs))
 
 
@@ -256,8 +255,9 @@ def quantize_qkv_per_head(amax, xq, xk, xv, cache_k, cache_v, cache_pos, *, toke
     cpos = xp.ascontiguousarray(cache_pos)
     capacity = geom.capacity if geom is not None else -1
     nch = D // 8
-    hs, tpb = _block_shape(N_H + 2 * N_KVH if kv else N_H, nch)
-    k = _PER_HEAD.kernel("quantize_qkv_rows", bool(vec))
+    nh = 8 if HEADS == 8 else 4
+    hs, tpb = _block_shape(N_H + 2 * N_KVH if kv else N_H, nch, nh)
+    k = _PER_HEAD.kernel("quantize_qkv_rows", bool(vec), nh)
     _compile.launch(k, (-(-B_T // tpb),), (nch, hs, tpb), (
         xq_s, i64(q_ts), i64(q_hs), xk_s, i64(k_ts), i64(k_hs), xv_s, i64(v_ts), i64(v_hs), scr,
         cache_k if kv else None, cache_v if kv else None, cpos, lane, pre,

@@ -381,10 +381,15 @@ def test_kernel_all_bf16_values(gpu, rng, D):
     check_all((got[0], got[1], dck, dcv, dqk, dqv), want)
 
 
-def test_kernel_many_tokens(gpu, rng):
-    """A larger batch (4096 tokens, 32/8 heads) against the NumPy path of the op."""
-    B, N_H, N_KVH, D, T = 4, 32, 8, 128, 1024
-    n = 4096
+@pytest.mark.parametrize("heads", [4, 8])
+@pytest.mark.parametrize("N_H,N_KVH,D,n", [(32, 8, 128, 4096), (5, 1, 64, 96), (4, 2, 2048, 8)])
+def test_kernel_many_tokens(gpu, rng, heads, N_H, N_KVH, D, n, monkeypatch):
+    """Larger batches (4096 tokens, 32/8 heads), odd head counts and D = 2048 (one head slot, several
+    rounds per thread) against the NumPy path of the op, for both heads-per-thread plans."""
+    from cukv import per_head
+
+    monkeypatch.setattr(per_head, "HEADS", heads)
+    B, T = 4, max(1024, n)
     xqkv = activations(rng, (n, N_H + 2 * N_KVH, D))
     lane = np.repeat(np.arange(B, dtype=np.int32), n // B)
     pos = np.tile(np.arange(n // B, dtype=np.int32), B)
