@@ -13,14 +13,24 @@ slices of a fused ``[B_T, 48, 128]`` buffer (FBGEMM's layout), fp8_head cache ``
 with K/V writes (no token precomputed), Q only, and paged. Minimal bytes: Q (and K, V) read once,
 ``xq_fp8`` and the cache rows written once. The torch peer computes the same scales from ``amax``,
 quantizes through ``torch.float8_e4m3fn`` and scatters K/V with ``index_put_``.
+
+Timing: GPU time, as ``scripts/bench.py`` intends, for cukv and the peers alike. ``ctx.time`` queues the
+calls behind a spin of ``max(300, 100 * reps)`` us, which hides at most ~100 us of host time per call;
+these ops spend 0.2-0.5 ms of Python (argument checks, dispatch, CuPy launches) per call on the H100
+host, so that figure would be mostly host time. :func:`_time` lengthens the spin to cover the measured
+host time, and each row records ``host_us`` (host time of one call) in ``extra``: that cost is real for
+eager Python callers and absent under CUDA-graph capture.
 """
 from __future__ import annotations
+
+import time
 
 import ml_dtypes
 import numpy as np
 
 import cukv
 from cukv import dequant as dq
+from cukv import per_head as ph
 
 BF16 = ml_dtypes.bfloat16
 S_MIN = 1.0 / 229376.0
@@ -121,7 +131,7 @@ def bench_dequant(ctx):
         def run():
             return cukv.dequantize_cache(ck, cv, seqlens, fmt, out=out, validate=False, **kw)
 
-        ms = ctx.time(run)
+        ms, host_us = _time(ctx, run)
         peer = torch_dequant(fmt, paged)
         targs = (ctx.to_torch(ck), ctx.to_torch(cv), ctx.to_torch(seqlens),
                  ctx.to_torch(sk) if sk is not None else None,
@@ -129,7 +139,8 @@ def bench_dequant(ctx):
                  ctx.to_torch(bt) if paged else None)
         peer_ms = _time_peer_noneok(ctx, peer, targs)
         eager = _time_peer_noneok(ctx, peer, targs, compiled=False)
-        ex = {"data_rows": f"{n_data}/{B * T}", "layout": "paged S=64" if paged else "contiguous"}
+        ex = {"data_rows": f"{n_data}/{B * T}", "layout": "paged S=64" if paged else "contiguous",
+              "host_us": round(host_us, 1)}
         if eager is not None:
             ex["torch_eager_ms"] = round(eager, 5)
         ctx.record(f"dequantize_cache {fmt}{' paged' if paged else ''}", (2, B, T, H, D), ms, nbytes,
@@ -139,7 +150,7 @@ def bench_dequant(ctx):
             for it in (1, 2):
                 dq.ITERS = it
                 try:
-                    ms_i = ctx.time(run)
+                    ms_i = _time(ctx, run)[0]
                 finally:
                     dq.ITERS = default
                 ctx.record(f"  plan: {it} rows/thread", (2, B, T, H, D), ms_i, nbytes,
@@ -151,8 +162,36 @@ def bench_dequant(ctx):
     _bench_per_head(ctx)
 
 
+def _host_us(ctx, fn, n=20):
+    """Host microseconds of one call of ``fn``: ``n`` calls queued behind a long spin kernel, so no call
+    waits for the GPU."""
+    fn()
+    ctx.cp.cuda.Device().synchronize()
+    ctx._queue_ahead(5000.0 * n)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    dt = time.perf_counter() - t0
+    ctx.cp.cuda.Device().synchronize()
+    return dt / n * 1e6
+
+
+def _time(ctx, fn):
+    """``(ms, host_us)``: ``ctx.time(fn)`` with its queue-ahead spin lengthened to twice the host time
+    of the ``reps`` calls of a batch, so the figure is GPU time (see the module notes)."""
+    host_us = _host_us(ctx, fn)
+    spin_us = 2.0 * host_us * ctx.reps + 300.0
+    queue_ahead = ctx._queue_ahead
+    ctx._queue_ahead = lambda us=300.0: queue_ahead(max(us, spin_us))
+    try:
+        return ctx.time(fn), host_us
+    finally:
+        del ctx._queue_ahead                  # back to the class method
+
+
 def _time_peer_noneok(ctx, fn, args, compiled=True):
-    """ctx.time_peer with some None arguments allowed (ctx.time_peer treats None as 'no torch')."""
+    """ctx.time_peer with some None arguments allowed (ctx.time_peer treats None as 'no torch'),
+    timed like cukv (:func:`_time`)."""
     if ctx.torch is None:
         return None
     try:
@@ -160,7 +199,7 @@ def _time_peer_noneok(ctx, fn, args, compiled=True):
         with ctx.torch.no_grad():
             f(*args)
             ctx.torch.cuda.synchronize()
-            return ctx.time(lambda: f(*args))
+            return _time(ctx, lambda: f(*args))[0]
     except Exception as e:  # noqa: BLE001
         ctx.note(f"{'torch.compile' if compiled else 'torch eager'} peer {fn.__name__} failed: "
                  f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
@@ -201,7 +240,7 @@ def _bench_per_head(ctx):
         def run():
             return cukv.quantize_qkv_per_head(amax, xq, xk_, xv_, c_k, c_v, pos, **kw)
 
-        ms = ctx.time(run)
+        ms, host_us = _time(ctx, run)
         nbytes = q_bytes + (kv_bytes if kv else 0)
         peer_ms = eager = None
         if not paged:
@@ -210,8 +249,20 @@ def _bench_per_head(ctx):
                           for a in (amax, xq, xk, xv, ck, cv, pos.astype(cp.int64), lane.astype(cp.int64)))
             peer_ms = _time_peer_noneok(ctx, peer, targs)
             eager = _time_peer_noneok(ctx, peer, targs, compiled=False)
-        ex = {"tokens": n, "heads": f"{N_H}/{N_KVH}", "layout": "paged S=64" if paged else "contiguous"}
+        ex = {"tokens": n, "heads": f"{N_H}/{N_KVH}", "layout": "paged S=64" if paged else "contiguous",
+              "host_us": round(host_us, 1)}
         if eager is not None:
             ex["torch_eager_ms"] = round(eager, 5)
         ctx.record(f"quantize_qkv_per_head {name}", (n, HH, Dh), ms, nbytes,
                    peer="torch.compile" if not paged else None, peer_ms=peer_ms, extra=ex)
+        default = ph.HEADS                    # heads-per-thread plan sweep
+        for nh in (4, 8):
+            if nh == default:
+                continue
+            ph.HEADS = nh
+            try:
+                ms_h = _time(ctx, run)[0]
+            finally:
+                ph.HEADS = default
+            ctx.record(f"  plan: {nh} heads/thread", (n, HH, Dh), ms_h, nbytes,
+                       extra={"layout": ex["layout"], "default_heads_per_thread": default})
