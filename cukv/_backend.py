@@ -132,7 +132,7 @@ _DLPACK_CPU = 1
 class _Call:
     """State of one outermost op call that received framework tensors."""
 
-    __slots__ = ("kind", "originals", "stream", "capturing", "device")
+    __slots__ = ("kind", "originals", "stream", "capturing", "device", "allocs")
 
     def __init__(self):
         self.kind = None          # "torch" or "jax" once a framework tensor is seen
@@ -140,6 +140,7 @@ class _Call:
         self.stream = None        # torch's current CUDA stream pointer, if any
         self.capturing = False    # torch is capturing a CUDA graph on that stream
         self.device = None
+        self.allocs = {}          # data pointer -> torch tensor backing an allocation of this call
 
 
 _CALL: contextvars.ContextVar[_Call | None] = contextvars.ContextVar("cukv_call", default=None)
@@ -163,38 +164,128 @@ def fp8_result(a):
 
 
 def _torch():
-    import torch  # noqa: PLC0415
+    torch = sys.modules.get("torch")
+    if torch is None:
+        import torch  # noqa: PLC0415
 
     return torch
 
 
+def _torch_dtypes():
+    """torch dtype -> NumPy dtype of the array cukv sees (float8 as uint8, bf16 as ml_dtypes), built once."""
+    global _TORCH_NP
+    if _TORCH_NP is None:
+        import ml_dtypes  # noqa: PLC0415
+
+        torch = _torch()
+        m = {torch.bfloat16: np.dtype(ml_dtypes.bfloat16), torch.bool: np.dtype(np.bool_)}
+        for name in ("float16", "float32", "float64", "int8", "uint8", "int16", "int32", "int64",
+                     "uint16", "uint32", "uint64", "complex64", "complex128"):
+            if hasattr(torch, name):
+                m[getattr(torch, name)] = np.dtype(name)
+        for name in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz"):
+            if hasattr(torch, name):
+                m[getattr(torch, name)] = np.dtype(np.uint8)
+        _TORCH_NP = m
+    return _TORCH_NP
+
+
+_TORCH_NP: dict | None = None
+
+
+def _np_torch(dt):
+    """NumPy dtype of a CuPy result -> torch dtype (bf16 included)."""
+    torch = _torch()
+    if dt.name == "bfloat16":
+        return torch.bfloat16
+    return getattr(torch, np.dtype(dt).name)
+# id(tensor) -> (weakref, data_ptr, shape, strides, dtype, cupy view). A tensor passed again (a cache,
+# a block table, lengths: the usual decode loop) reuses its view after five cheap identity checks.
+# The view's memory holds the tensor's *storage*, not the tensor, and the entry dies with the tensor.
+_VIEWS: dict = {}
+_VIEWS_MAX = 4096
+
+
+def _drop_view(key, ref):
+    e = _VIEWS.get(key)
+    if e is not None and e[0] is ref:
+        del _VIEWS[key]
+
+
+def _torch_cuda_view(t, dev: int):
+    """A new CuPy array over a CUDA tensor's memory (no copy, no DLPack round trip), remembered in
+    ``_VIEWS``; None where DLPack must do it (an empty tensor, a dtype CuPy cannot hold)."""
+    dt = _torch_dtypes().get(t.dtype)
+    if dt is None or t.numel() == 0:
+        return None
+    cp = cupy()
+    ptr, st = t.data_ptr(), t.untyped_storage()
+    mem = cp.cuda.UnownedMemory(ptr, st.nbytes() - (ptr - st.data_ptr()), st, dev)
+    a = cp.ndarray(tuple(t.shape), dt, cp.cuda.MemoryPointer(mem, 0), tuple(x * dt.itemsize for x in t.stride()))
+    import weakref  # noqa: PLC0415
+
+    if len(_VIEWS) >= _VIEWS_MAX:
+        _VIEWS.clear()
+    key = id(t)
+    ref = weakref.ref(t, functools.partial(_drop_view, key))
+    _VIEWS[key] = (ref, ptr, t.shape, t.stride(), t.dtype, a)
+    return a
+
+
+_TENSOR = None   # torch.Tensor, once a torch object has been seen
+
+
+def _torch_cuda(v, call: _Call):
+    """CUDA tensor -> CuPy array: the hot path of a torch decode loop (a tensor seen before costs a
+    dictionary lookup and five identity checks)."""
+    if call.stream is None:
+        torch = _torch()
+        call.kind = "torch"
+        call.device = dev = v.get_device()
+        call.stream = torch._C._cuda_getCurrentRawStream(dev)
+        call.capturing = torch._C._cuda_isCurrentStreamCapturing()
+    e = _VIEWS.get(id(v))
+    if (e is not None and e[0]() is v and e[1] == v.data_ptr() and e[2] == v.shape and e[3] == v.stride()
+            and e[4] is v.dtype):
+        return e[5]
+    dev = v.get_device()
+    a = _torch_cuda_view(v, dev)
+    if a is None:
+        t = v.detach()
+        torch = _torch()
+        if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+            t = t.view(torch.uint8)
+        cp = cupy()
+        with cp.cuda.Device(dev), _external_stream(call.stream, dev):
+            a = cp.from_dlpack(t)
+    return a
+
+
 def _to_native(opname: str, argname: str, v, call: _Call):
     """A framework object -> NumPy/CuPy array sharing its memory (or ``v`` itself if native)."""
+    global _TENSOR
+    if type(v) is _TENSOR and v.is_cuda:
+        a = _torch_cuda(v, call)
+        call.originals[id(a)] = (a, v)
+        return a
     top = type(v).__module__.partition(".")[0]
     if top == "torch":
         torch = _torch()
-        t = v.detach()
-        if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2, getattr(torch, "float8_e4m3fnuz", None),
-                       getattr(torch, "float8_e5m2fnuz", None)):
-            t = t.view(torch.uint8)
+        _TENSOR = torch.Tensor
         call.kind = call.kind or "torch"
-        if t.is_cuda:
-            if call.stream is None:
-                call.stream = torch.cuda.current_stream(t.device).cuda_stream
-                call.device = t.device.index
-                call.capturing = torch.cuda.is_current_stream_capturing()
-            cp = cupy()
-            with cp.cuda.Device(t.device.index), _external_stream(call.stream, t.device.index):
-                a = cp.from_dlpack(t)
-        elif t.device.type == "cpu":
+        if v.is_cuda:
+            a = _torch_cuda(v, call)
+        elif v.device.type == "cpu":
+            t = v.detach()
+            dt = _torch_dtypes().get(t.dtype)
             if t.dtype == torch.bfloat16:
-                import ml_dtypes  # noqa: PLC0415
-
-                a = t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+                a = t.view(torch.int16).numpy().view(dt)
+            elif dt is not None and dt == np.uint8 and t.dtype != torch.uint8:   # float8 codes
+                a = t.view(torch.uint8).numpy()
             else:
                 a = t.numpy()
         else:
-            raise TypeError(f"{opname}: {argname}: expected a CPU or CUDA tensor, got device {t.device}")
+            raise TypeError(f"{opname}: {argname}: expected a CPU or CUDA tensor, got device {v.device}")
     elif hasattr(v, "__dlpack_device__") and hasattr(v, "__dlpack__"):
         dev_type, _ = v.__dlpack_device__()
         call.kind = call.kind or ("jax" if top in ("jax", "jaxlib") else None)
@@ -235,7 +326,13 @@ def _from_native(r, call: _Call):
             else:
                 t = torch.from_numpy(r)
         else:
-            t = torch.from_dlpack(r)
+            base = call.allocs.get(r.data.mem.ptr) if call.allocs and r.size else None
+            if base is not None:   # the op allocated it from torch: a view of that tensor, no DLPack
+                isz = r.itemsize
+                t = base.view(_np_torch(r.dtype)).as_strided(
+                    r.shape, tuple(x // isz for x in r.strides), (r.data.ptr - r.data.mem.ptr) // isz)
+            else:   # the op ran on torch's stream, which is CuPy's current one here: no event
+                t = torch._C._from_dlpack(r.__dlpack__(stream=call.stream or 1))
         return t.view(torch.float8_e4m3fn) if fp8 else t
     if call.kind == "jax":
         import jax.numpy as jnp  # noqa: PLC0415
@@ -260,18 +357,21 @@ def _external_stream(ptr: int, device: int):
     return st
 
 
-def _torch_malloc(size: int, device: int = 0):
-    """CuPy allocator drawing from torch's caching allocator (graph-capture aware)."""
+def _torch_malloc(size: int, call: _Call):
+    """CuPy allocator drawing from torch's caching allocator (stream-ordered, graph-capture aware)."""
     torch = _torch()
-    t = torch.empty((max(int(size), 1),), dtype=torch.uint8, device=f"cuda:{device}")
+    t = torch.empty(((int(size) + 15) & ~15 or 16,), dtype=torch.uint8, device=call.device)
     cp = cupy()
-    return cp.cuda.MemoryPointer(cp.cuda.UnownedMemory(t.data_ptr(), int(size), t), 0)
+    ptr = t.data_ptr()
+    call.allocs[ptr] = t
+    return cp.cuda.MemoryPointer(cp.cuda.UnownedMemory(ptr, int(size), t, call.device), 0)
 
 
 class _capture_allocator:
     """While torch captures a CUDA graph, the op's own allocations (outputs, split-K scratch) come
     from torch's allocator, i.e. from the graph's private pool: CuPy's pool would call cudaMalloc,
-    which capture forbids, or hand out a block freed on another stream."""
+    which capture forbids, or hand out a block freed on another stream. Results go back as views of
+    those tensors."""
 
     __slots__ = ("call", "ctx")
 
@@ -280,18 +380,16 @@ class _capture_allocator:
         self.ctx = None
 
     def __enter__(self):
-        if self.call.capturing:
-            self.ctx = cupy().cuda.using_allocator(functools.partial(_torch_malloc, device=self.call.device))
-            self.ctx.__enter__()
+        self.ctx = cupy().cuda.using_allocator(functools.partial(_torch_malloc, call=self.call))
+        self.ctx.__enter__()
         return self
 
     def __exit__(self, *exc):
-        if self.ctx is not None:
-            return self.ctx.__exit__(*exc)
-        return False
+        return self.ctx.__exit__(*exc)
 
 
 _NATIVE = (np.ndarray,)
+_SCALARS = (int, float, bool, np.integer, np.floating, str)
 
 
 def op(opname: str, arrays: tuple[str, ...]):
@@ -311,41 +409,59 @@ def op(opname: str, arrays: tuple[str, ...]):
     def deco(fn):
         sig = inspect.signature(fn)
         params = list(sig.parameters)
-        pos_index = {n: params.index(n) for n in arrays}
+        slots = tuple((n, params.index(n)) for n in arrays)
 
         @functools.wraps(fn)
         def wrapper(*args, **kwargs):
             depth = _DEPTH.get()
             call = _CALL.get() if depth else None
             named = {}
-            for n in arrays:
-                i = pos_index[n]
+            largs = None
+            for n, i in slots:
                 if i < len(args):
                     v = args[i]
                 elif n in kwargs:
                     v = kwargs[n]
                 else:
                     continue
-                if v is None or isinstance(v, (int, float, bool, np.integer, np.floating, str)):
+                if v is None:
                     continue
-                if not (isinstance(v, _NATIVE) or is_cupy(v) or isinstance(v, (tuple, list))):
+                if type(v) is _TENSOR and v.is_cuda:   # the torch decode-loop hot path, inlined
                     if call is None:
                         call = _Call()
-                    v = _to_native(opname, n, v, call)
-                elif isinstance(v, (tuple, list)) and any(
-                        x is not None and not (isinstance(x, _NATIVE) or is_cupy(x)) for x in v):
+                    e = _VIEWS.get(id(v))
+                    if (call.stream is not None and e is not None and e[0]() is v and e[1] == v.data_ptr()
+                            and e[2] == v.shape and e[3] == v.stride() and e[4] is v.dtype):
+                        a = e[5]
+                    else:
+                        a = _torch_cuda(v, call)
+                    call.originals[id(a)] = (a, v)
+                    v = a
+                elif isinstance(v, _SCALARS) or isinstance(v, _NATIVE) or is_cupy(v):
+                    if not isinstance(v, _SCALARS):
+                        named[n] = v
+                    continue
+                elif isinstance(v, (tuple, list)):
+                    if all(x is None or isinstance(x, _NATIVE) or is_cupy(x) for x in v):
+                        named[n] = v
+                        continue
                     if call is None:
                         call = _Call()
                     v = type(v)(x if x is None else _to_native(opname, f"{n}[{j}]", x, call)
                                 for j, x in enumerate(v))
                 else:
-                    named[n] = v
-                    continue
+                    if call is None:
+                        call = _Call()
+                    v = _to_native(opname, n, v, call)
                 named[n] = v
                 if i < len(args):
-                    args = args[:i] + (v,) + args[i + 1:]
+                    if largs is None:
+                        largs = list(args)
+                    largs[i] = v
                 else:
                     kwargs[n] = v
+            if largs is not None:
+                args = tuple(largs)
             be = resolve(opname, named)
             token = _CURRENT.set(be)
             dtok = _DEPTH.set(depth + 1)
@@ -357,7 +473,10 @@ def op(opname: str, arrays: tuple[str, ...]):
                         if call is not None and call.stream is not None and depth == 0:
                             # results are handed to torch inside the stream context, so DLPack sees
                             # one stream and inserts no cross-stream event (graph capture safe)
-                            with _external_stream(call.stream, be.device), _capture_allocator(call):
+                            with _external_stream(call.stream, be.device):
+                                if call.capturing:
+                                    with _capture_allocator(call):
+                                        return _from_native(fn(*args, **kwargs), call)
                                 return _from_native(fn(*args, **kwargs), call)
                         result = fn(*args, **kwargs)
                 else:

@@ -14,16 +14,12 @@ with K/V writes (no token precomputed), Q only, and paged. Minimal bytes: Q (and
 ``xq_fp8`` and the cache rows written once. The torch peer computes the same scales from ``amax``,
 quantizes through ``torch.float8_e4m3fn`` and scatters K/V with ``index_put_``.
 
-Timing: GPU time, as ``scripts/bench.py`` intends, for cukv and the peers alike. ``ctx.time`` queues the
-calls behind a spin of ``max(300, 100 * reps)`` us, which hides at most ~100 us of host time per call;
-these ops spend 0.2-0.5 ms of Python (argument checks, dispatch, CuPy launches) per call on the H100
-host, so that figure would be mostly host time. :func:`_time` lengthens the spin to cover the measured
-host time, and each row records ``host_us`` (host time of one call) in ``extra``: that cost is real for
-eager Python callers and absent under CUDA-graph capture.
+Timing: GPU time for cukv and the peers alike (``ctx.time`` queues each batch behind a spin covering its
+measured host time). Each row records ``host_us`` (host time of one call) in ``extra``: that cost is real
+for eager Python callers and absent under CUDA-graph capture.
 """
 from __future__ import annotations
 
-import time
 
 import ml_dtypes
 import numpy as np
@@ -162,31 +158,10 @@ def bench_dequant(ctx):
     _bench_per_head(ctx)
 
 
-def _host_us(ctx, fn, n=20):
-    """Host microseconds of one call of ``fn``: ``n`` calls queued behind a long spin kernel, so no call
-    waits for the GPU."""
-    fn()
-    ctx.cp.cuda.Device().synchronize()
-    ctx._queue_ahead(5000.0 * n)
-    t0 = time.perf_counter()
-    for _ in range(n):
-        fn()
-    dt = time.perf_counter() - t0
-    ctx.cp.cuda.Device().synchronize()
-    return dt / n * 1e6
-
-
 def _time(ctx, fn):
-    """``(ms, host_us)``: ``ctx.time(fn)`` with its queue-ahead spin lengthened to twice the host time
-    of the ``reps`` calls of a batch, so the figure is GPU time (see the module notes)."""
-    host_us = _host_us(ctx, fn)
-    spin_us = 2.0 * host_us * ctx.reps + 300.0
-    queue_ahead = ctx._queue_ahead
-    ctx._queue_ahead = lambda us=300.0: queue_ahead(max(us, spin_us))
-    try:
-        return ctx.time(fn), host_us
-    finally:
-        del ctx._queue_ahead                  # back to the class method
+    """``(ms, host_us)``: GPU milliseconds of one call and the host microseconds it costs."""
+    ms = ctx.time(fn)
+    return ms, ctx.last_host_us
 
 
 def _time_peer_noneok(ctx, fn, args, compiled=True):
