@@ -190,6 +190,26 @@ def test_float8_tensors(cuda, rng):
     assert kk.dtype == torch.bfloat16 and float(kk.float().abs().sum()) > 0
 
 
+def test_remembered_views_follow_the_tensor(cuda, rng):
+    """The per-tensor view cache: a tensor passed again whose metadata changed in place gets a new
+    view; a dead tensor leaves no entry; a non-contiguous tensor is read through its strides."""
+    from cukv import _backend
+
+    x = activations(rng, (6, 64))
+    t = t_host(x).cuda()
+    assert_bytes_equal(t_np(cukv.rms_norm(t)), cukv.rms_norm(x))
+    t.resize_(3, 128)                                  # same storage, new shape and strides
+    assert_bytes_equal(t_np(cukv.rms_norm(t)), cukv.rms_norm(x.reshape(3, 128)))
+    t.as_strided_((3, 64), (128, 1), 64)               # offset view of the same storage
+    assert_bytes_equal(t_np(cukv.rms_norm(t)), cukv.rms_norm(np.ascontiguousarray(x.reshape(3, 128)[:, 64:])))
+    w = t_host(activations(rng, (12, 64))).cuda()[::2]     # non-contiguous rows
+    assert_bytes_equal(t_np(cukv.rms_norm(w)), cukv.rms_norm(t_np(w)))
+    key = id(t)
+    assert key in _backend._VIEWS
+    del t
+    assert key not in _backend._VIEWS, "the entry dies with its tensor"
+
+
 def test_module_mix_names_argument(cuda, rng):
     x = activations(rng, (2, 64))
     with raises_arg(TypeError, "rms_norm", "weight"):
