@@ -473,6 +473,8 @@ def op(opname: str, arrays: tuple[str, ...]):
                         if call is not None and call.stream is not None and depth == 0:
                             # results are handed to torch inside the stream context, so DLPack sees
                             # one stream and inserts no cross-stream event (graph capture safe)
+                            if not call.capturing and call.stream == cp.cuda.get_current_stream().ptr:
+                                return _from_native(fn(*args, **kwargs), call)   # already current
                             with _external_stream(call.stream, be.device):
                                 if call.capturing:
                                     with _capture_allocator(call):
