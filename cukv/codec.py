@@ -22,6 +22,10 @@ _FMT_G = [(0, 1), (1, 1), (2, 1), (3, 1), (3, 2), (3, 4), (3, 8)]
 # reduction and scale division are shared by fewer lanes): on the H100 (D = 128, 16-byte inputs),
 # 80% vs 66% of copy for int4:g1, while fp8 prefers one chunk per lane (92%). Grouped INT4 with
 # groups of 16 or 32 elements goes to quantize_int4_owned (OWNED below).
+# Tried on the H100 for int4:g1 (D = 128, 4 lanes x 4 chunks: 78.7% of copy at 78 registers): a
+# minimum of 4 or 6 resident blocks changes nothing, 8 (64 registers) gives 66%; two rows per team
+# (CUKV_CODEC_ROWS) 66%; teams of 2 lanes x 8 chunks or 1 x 16 give 13% / 11% (loops over more than
+# 4 chunks are not unrolled, so the row goes to local memory). Bytes were equal in every variant.
 WIDE_SHAPES = ((1, 1), (1, 2), (1, 4), (2, 4), (4, 4), (8, 4), (16, 4), (32, 4), (32, 8), (32, 16),
                (32, 32))
 
