@@ -14,6 +14,7 @@ import contextvars
 import functools
 import inspect
 import sys
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
@@ -199,6 +200,8 @@ def _np_torch(dt):
     if dt.name == "bfloat16":
         return torch.bfloat16
     return getattr(torch, np.dtype(dt).name)
+
+
 # id(tensor) -> (weakref, data_ptr, shape, strides, dtype, cupy view). A tensor passed again (a cache,
 # a block table, lengths: the usual decode loop) reuses its view after five cheap identity checks.
 # The view's memory holds the tensor's *storage*, not the tensor, and the entry dies with the tensor.
@@ -222,8 +225,6 @@ def _torch_cuda_view(t, dev: int):
     ptr, st = t.data_ptr(), t.untyped_storage()
     mem = cp.cuda.UnownedMemory(ptr, st.nbytes() - (ptr - st.data_ptr()), st, dev)
     a = cp.ndarray(tuple(t.shape), dt, cp.cuda.MemoryPointer(mem, 0), tuple(x * dt.itemsize for x in t.stride()))
-    import weakref  # noqa: PLC0415
-
     if len(_VIEWS) >= _VIEWS_MAX:
         _VIEWS.clear()
     key = id(t)
@@ -426,15 +427,10 @@ def op(opname: str, arrays: tuple[str, ...]):
                     continue
                 if v is None:
                     continue
-                if type(v) is _TENSOR and v.is_cuda:   # the torch decode-loop hot path, inlined
+                if type(v) is _TENSOR and v.is_cuda:   # the torch decode-loop hot path
                     if call is None:
                         call = _Call()
-                    e = _VIEWS.get(id(v))
-                    if (call.stream is not None and e is not None and e[0]() is v and e[1] == v.data_ptr()
-                            and e[2] == v.shape and e[3] == v.stride() and e[4] is v.dtype):
-                        a = e[5]
-                    else:
-                        a = _torch_cuda(v, call)
+                    a = _torch_cuda(v, call)
                     call.originals[id(a)] = (a, v)
                     v = a
                 elif isinstance(v, _SCALARS) or isinstance(v, _NATIVE) or is_cupy(v):
