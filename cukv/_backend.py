@@ -205,7 +205,10 @@ def _np_torch(dt):
 # id(tensor) -> (weakref, data_ptr, shape, strides, dtype, cupy view). A tensor passed again (a cache,
 # a block table, lengths: the usual decode loop) reuses its view after five cheap identity checks.
 # The view's memory holds the tensor's *storage*, not the tensor, and the entry dies with the tensor.
+# _BACK maps id(view) -> (view, weakref to its tensor): a result that is one of the caller's tensors
+# (a cache returned, ``out=``) goes back as that tensor, with no per-call bookkeeping.
 _VIEWS: dict = {}
+_BACK: dict = {}
 _VIEWS_MAX = 4096
 
 
@@ -213,6 +216,7 @@ def _drop_view(key, ref):
     e = _VIEWS.get(key)
     if e is not None and e[0] is ref:
         del _VIEWS[key]
+        _BACK.pop(id(e[5]), None)
 
 
 def _torch_cuda_view(t, dev: int):
@@ -227,24 +231,37 @@ def _torch_cuda_view(t, dev: int):
     a = cp.ndarray(tuple(t.shape), dt, cp.cuda.MemoryPointer(mem, 0), tuple(x * dt.itemsize for x in t.stride()))
     if len(_VIEWS) >= _VIEWS_MAX:
         _VIEWS.clear()
+        _BACK.clear()
     key = id(t)
     ref = weakref.ref(t, functools.partial(_drop_view, key))
+    old = _VIEWS.get(key)
+    if old is not None:
+        _BACK.pop(id(old[5]), None)
     _VIEWS[key] = (ref, ptr, t.shape, t.stride(), t.dtype, a)
+    _BACK[id(a)] = (a, ref)
     return a
 
 
-_TENSOR = None   # torch.Tensor, once a torch object has been seen
+_TENSOR = None        # torch.Tensor, once a torch object has been seen
+_NDARRAY = None       # cupy.ndarray, once a torch CUDA tensor has been seen
+_FROM_DLPACK = None   # torch._C._from_dlpack, likewise
+
+
+def _torch_call(v, call: _Call):
+    """Record torch's current stream (and whether it is capturing a CUDA graph) in ``call``, from
+    the first CUDA tensor of the call. Graphs are never captured on the legacy default stream (0)."""
+    torch = _torch()
+    call.kind = "torch"
+    call.device = dev = v.get_device()
+    call.stream = s = torch._C._cuda_getCurrentRawStream(dev)
+    call.capturing = s != 0 and torch._C._cuda_isCurrentStreamCapturing()
 
 
 def _torch_cuda(v, call: _Call):
     """CUDA tensor -> CuPy array: the hot path of a torch decode loop (a tensor seen before costs a
     dictionary lookup and five identity checks)."""
     if call.stream is None:
-        torch = _torch()
-        call.kind = "torch"
-        call.device = dev = v.get_device()
-        call.stream = torch._C._cuda_getCurrentRawStream(dev)
-        call.capturing = torch._C._cuda_isCurrentStreamCapturing()
+        _torch_call(v, call)
     e = _VIEWS.get(id(v))
     if (e is not None and e[0]() is v and e[1] == v.data_ptr() and e[2] == v.shape and e[3] == v.stride()
             and e[4] is v.dtype):
@@ -259,24 +276,24 @@ def _torch_cuda(v, call: _Call):
         cp = cupy()
         with cp.cuda.Device(dev), _external_stream(call.stream, dev):
             a = cp.from_dlpack(t)
+        call.originals[id(a)] = (a, v)
     return a
 
 
 def _to_native(opname: str, argname: str, v, call: _Call):
     """A framework object -> NumPy/CuPy array sharing its memory (or ``v`` itself if native)."""
-    global _TENSOR
+    global _TENSOR, _NDARRAY, _FROM_DLPACK
     if type(v) is _TENSOR and v.is_cuda:
-        a = _torch_cuda(v, call)
-        call.originals[id(a)] = (a, v)
-        return a
+        return _torch_cuda(v, call)
     top = type(v).__module__.partition(".")[0]
     if top == "torch":
         torch = _torch()
         _TENSOR = torch.Tensor
         call.kind = call.kind or "torch"
         if v.is_cuda:
-            a = _torch_cuda(v, call)
-        elif v.device.type == "cpu":
+            _NDARRAY, _FROM_DLPACK = cupy().ndarray, torch._C._from_dlpack
+            return _torch_cuda(v, call)
+        if v.device.type == "cpu":
             t = v.detach()
             dt = _torch_dtypes().get(t.dtype)
             if t.dtype == torch.bfloat16:
@@ -309,6 +326,15 @@ def _to_native(opname: str, argname: str, v, call: _Call):
 
 def _from_native(r, call: _Call):
     """Convert one result back to the caller's kind (the caller's own object where it was passed)."""
+    if call.kind == "torch" and type(r) is _NDARRAY and not call.allocs:   # the decode-loop hot path
+        e = _BACK.get(id(r))
+        if e is not None and e[0] is r:
+            return e[1]()
+        o = call.originals.get(id(r)) if call.originals else None
+        if o is not None and o[0] is r:
+            return o[1]
+        # the op ran on torch's stream, which is CuPy's current one here: no event
+        return _FROM_DLPACK(r.__dlpack__(stream=call.stream or 1))
     if isinstance(r, tuple):
         return tuple(_from_native(x, call) for x in r)
     fp8 = isinstance(r, FP8Result)
@@ -319,6 +345,9 @@ def _from_native(r, call: _Call):
     orig = call.originals.get(id(r))
     if orig is not None and orig[0] is r:
         return orig[1]
+    back = _BACK.get(id(r))
+    if back is not None and back[0] is r:
+        return back[1]()
     if call.kind == "torch":
         torch = _torch()
         if isinstance(r, np.ndarray):
@@ -430,9 +459,7 @@ def op(opname: str, arrays: tuple[str, ...]):
                 if type(v) is _TENSOR and v.is_cuda:   # the torch decode-loop hot path
                     if call is None:
                         call = _Call()
-                    a = _torch_cuda(v, call)
-                    call.originals[id(a)] = (a, v)
-                    v = a
+                    v = _torch_cuda(v, call)
                 elif isinstance(v, _SCALARS) or isinstance(v, _NATIVE) or is_cupy(v):
                     if not isinstance(v, _SCALARS):
                         named[n] = v
