@@ -131,6 +131,9 @@ template <int KIND, int D> struct Geo {
   static constexpr int KS = D / 16;    // QK k-steps = PV m-tiles
   static constexpr int VCH = D / 64;   // V chunks per thread and key
   static constexpr int STAGES = KIND == KIND_BF16 ? 3 : CUKV_DA_STAGES_Q;
+  // fast copy: 16-byte pieces per lane and row (8 lanes per row; rows of at most RMAX bytes)
+  static constexpr int RMAX = KIND == KIND_BF16 ? 2 * D : (KIND == KIND_FP8 ? D + 4 : D / 2 + 32);
+  static constexpr int NMID = ((RMAX >> 4) + 7) >> 3;
 };
 
 // Position p (0..7) of a decoded chunk -> element offset in the chunk. Decoded word w holds positions
@@ -290,26 +293,21 @@ __global__ void __launch_bounds__(128, D * NT > 128 ? 1 : KIND == KIND_INT4 ? CU
   // Row placement in its slot: the generic copy puts a row at `pad` (payload 16-aligned); the fast copy
   // puts it at its global address mod 16 (delta), so that 16-byte pieces line up on both sides.
   int pad_k = pad, pad_v = pad;
-  int dk[4] = {0, 0, 0, 0}, dv[4] = {0, 0, 0, 0}, n_pl = 0;   // fast: pieces of this lane (off | w<<16)
+  // fast copy: lane `lip` of a row copies its 16-byte pieces lip, lip+8, .. (between the row's
+  // 16-byte boundaries, at mo[a] + 128 j) and at most one 4-byte piece (so[a]: the head pieces
+  // before the first boundary, then the tail pieces; -1: none). a = 0: K, 1: V.
+  const int lip = lane & 7, kr = lane >> 3;
+  int mo[2] = {0, 0}, so[2] = {-1, -1}, nm[2] = {0, 0};
   if (fast) {
-    const int lip = lane & 7;
 #pragma unroll
     for (int a = 0; a < 2; ++a) {
       const int delta = (int)((reinterpret_cast<u64>(a ? cv : ck) + (u64)((i64)kvh * cs2)) & 15u);
-      // pieces: n_h 4-byte head pieces up to the first 16-byte boundary, n_m 16-byte pieces, n_t tail
-      const int n_h = min(((16 - delta) & 15) >> 2, R >> 2), hb = 4 * n_h;
-      const int n_m = (R - hb) >> 4, hm = hb + 16 * n_m;
-      const int n_p = n_h + n_m + ((R - hm) >> 2);
-      n_pl = max(n_pl, (n_p + 7) >> 3);
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const int pc = lip + 8 * j;
-        int d = 0;
-        if (pc < n_h) d = 4 * pc | (4 << 16);
-        else if (pc < n_h + n_m) d = (hb + 16 * (pc - n_h)) | (16 << 16);
-        else if (pc < n_p) d = (hm + 4 * (pc - n_h - n_m)) | (4 << 16);
-        if (a) dv[j] = d; else dk[j] = d;
-      }
+      const int n_h = min(((16 - delta) & 15) >> 2, R >> 2), hb = 4 * n_h;   // head: 4-byte pieces
+      const int n_m = (R - hb) >> 4, hm = hb + 16 * n_m;                       // 16-byte pieces
+      const int n_t = (R - hm) >> 2;                                            // tail: 4-byte pieces
+      nm[a] = n_m;
+      mo[a] = hb + 16 * lip;
+      so[a] = lip < n_h ? 4 * lip : (lip < n_h + n_t ? hm + 4 * (lip - n_h) : -1);
       if (a) pad_v = delta; else pad_k = delta;
     }
   }
@@ -318,53 +316,83 @@ __global__ void __launch_bounds__(128, D * NT > 128 ? 1 : KIND == KIND_INT4 ? CU
   const int row_step = 32 / n_w, piece_step = 32 - row_step * n_w;
   const i64 lane_b = (i64)b;
 
+  const i64 row0 = lane_b * cs0 + (i64)kvh * cs2;   // contiguous: row (b, 0, kvh)
+  // per-row offsets through shared memory: paged caches, the generic copy and fp8 external words
+  const bool via_smem = block_tables != nullptr || !fast || (KIND == KIND_FP8 && fp8_mode == 1);
+
   auto issue = [&](int li, int s) {
     if (li < my_n) {
       const int t0 = start + (warp + li * nw) * 16;
       bool ok = false;
-      i64 co = 0, wo = 0;
       if (lane < 16) {
         const int t = t0 + lane;
-        if (t < end) {
-          i64 i0 = lane_b, i1 = t;
-          ok = true;
-          if (block_tables) {
-            const int pg = t / page_size;
-            const int id = block_tables[lane_b * max_pages + pg];
-            ok = id >= 0 && id < n_pages;
-            i0 = 0;
-            i1 = (i64)id * page_size + (t - pg * page_size);
-          }
+        ok = t < end;
+        if (via_smem) {
+          i64 co = 0, wo = 0;
           if (ok) {
-            co = i0 * cs0 + i1 * cs1 + (i64)kvh * cs2;
-            wo = i0 * ws0 + i1 * ws1 + (i64)kvh * ws2;
+            i64 i0 = lane_b, i1 = t;
+            if (block_tables) {
+              const int pg = t / page_size;
+              const int id = block_tables[lane_b * max_pages + pg];
+              ok = id >= 0 && id < n_pages;
+              i0 = 0;
+              i1 = (i64)id * page_size + (t - pg * page_size);
+            }
+            if (ok) {
+              co = i0 * cs0 + i1 * cs1 + (i64)kvh * cs2;
+              wo = i0 * ws0 + i1 * ws1 + (i64)kvh * ws2;
+            }
           }
+          offs[lane] = co;
+          offs[16 + lane] = wo;
         }
-        offs[lane] = co;
-        offs[16 + lane] = wo;
       }
       const u32 m = __ballot_sync(CUKV_FULL_MASK, ok);
       if (lane == 0) masks[s] = m;
       __syncwarp();
       u8* st = wbase + s * stage_bytes;
       const u32 st_s = smem_s + (u32)(st - smem);   // the stage as a shared-window address
-      if (fast) {
-        // 8 lanes per row, 4 rows per step: rows (lane>>3) + 4i are K rows (i < 4) and V rows (i >= 4).
+      if (fast && !block_tables && t0 + 16 <= end) {
+        // a whole block of a contiguous cache: lane walks its K and V rows kr + 4i (8 lanes per row)
+        const i64 co = row0 + (i64)(t0 + kr) * cs1, step = 4 * cs1;
+        const u8* srk = ck + co + mo[0];
+        const u8* srv = cv + co + mo[1];
+        u32 dk = st_s + kr * sK + pad_k + mo[0], dv = st_s + 16 * sK + kr * sV + pad_v + mo[1];
+        const int ok_k = so[0] - mo[0], ok_v = so[1] - mo[1];
 #pragma unroll
-        for (int i = 0; i < 8; ++i) {
-          const int key = (lane >> 3) + 4 * (i & 3);
-          const bool isv = i >= 4;
-          const bool skip = !((m >> key) & 1u);
-          const u8* src = (isv ? cv : ck) + offs[key];
-          const u32 dst = st_s + (isv ? 16 * sK + key * sV + pad_v : key * sK + pad_k);
+        for (int i = 0; i < 4; ++i) {
 #pragma unroll
-          for (int j = 0; j < 4; ++j) {
-            if (j < n_pl) {   // warp-uniform
-              const int d = isv ? dv[j] : dk[j];
-              const int off = d & 0xffff;
-              cp_async_piece(dst + off, src + off, d >> 16, skip);
-            }
+          for (int j = 0; j < G_::NMID; ++j) {
+            if (lip + 8 * j < nm[0]) cp_async<16>(dk + 128 * j, srk + 128 * j, false);
+            if (lip + 8 * j < nm[1]) cp_async<16>(dv + 128 * j, srv + 128 * j, false);
           }
+          if (so[0] >= 0) cp_async<4>(dk + ok_k, srk + ok_k, false);
+          if (so[1] >= 0) cp_async<4>(dv + ok_v, srv + ok_v, false);
+          srk += step;
+          srv += step;
+          dk += 4 * sK;
+          dv += 4 * sV;
+        }
+      } else if (fast) {
+        // 8 lanes per row, 4 rows per step: lane copies its pieces of K and V rows kr + 4i.
+        const i64 co0 = row0 + (i64)(t0 + kr) * cs1;
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const int key = kr + 4 * i;
+          const bool skip = !((m >> key) & 1u);
+          i64 co = block_tables ? offs[key] : co0 + (i64)(4 * i) * cs1;
+          co = skip ? 0 : co;   // skipped rows read nothing; keep the address in bounds anyway
+          const u8* srk = ck + co;
+          const u8* srv = cv + co;
+          const u32 dk = st_s + key * sK + pad_k;
+          const u32 dv = st_s + 16 * sK + key * sV + pad_v;
+#pragma unroll
+          for (int j = 0; j < G_::NMID; ++j) {
+            if (lip + 8 * j < nm[0]) cp_async<16>(dk + mo[0] + 128 * j, srk + mo[0] + 128 * j, skip);
+            if (lip + 8 * j < nm[1]) cp_async<16>(dv + mo[1] + 128 * j, srv + mo[1] + 128 * j, skip);
+          }
+          if (so[0] >= 0) cp_async<4>(dk + so[0], srk + so[0], skip);
+          if (so[1] >= 0) cp_async<4>(dv + so[1], srv + so[1], skip);
         }
       } else {
         // Row rr < 16: K row of key rr; rr >= 16: V row of key rr-16. Lane copies pieces lane, lane+32..
