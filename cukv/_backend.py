@@ -22,11 +22,17 @@ import numpy as np
 __all__ = ["Backend", "op", "current", "cupy", "is_cupy", "gpu_available"]
 
 
+_CP = None
+
+
 def cupy():
     """The ``cupy`` module, imported on first use."""
-    import cupy as _cp  # noqa: PLC0415 (lazy on purpose)
+    global _CP
+    if _CP is None:
+        import cupy as _cp  # noqa: PLC0415 (lazy on purpose)
 
-    return _cp
+        _CP = _cp
+    return _CP
 
 
 def is_cupy(a) -> bool:
@@ -77,16 +83,35 @@ def current() -> Backend:
     return be
 
 
+_NARROW: dict = {}   # dtype -> True for the FP8/INT4 dtypes that must come as uint8 (numpy's
+                     # dtype.name is Python code: one lookup per call instead)
+
+
 def _float8_dtype(dt) -> bool:
-    return getattr(dt, "name", "").startswith(("float8", "float4", "int4", "uint4", "int2", "uint2"))
+    r = _NARROW.get(dt)
+    if r is None:
+        r = _NARROW[dt] = getattr(dt, "name", "").startswith(
+            ("float8", "float4", "int4", "uint4", "int2", "uint2"))
+    return r
+
+
+_NUMPY = Backend("numpy")
+_GPUS: dict = {}     # device id -> Backend("cupy", id), one object per device
+
+
+def _gpu(dev: int) -> Backend:
+    be = _GPUS.get(dev)
+    if be is None:
+        be = _GPUS[dev] = Backend("cupy", dev)
+    return be
 
 
 def classify(opname: str, argname: str, a) -> Backend:
     """The backend of one array argument, or a ``TypeError``."""
     if isinstance(a, np.ndarray):
-        be = Backend("numpy")
+        be = _NUMPY
     elif is_cupy(a):
-        be = Backend("cupy", int(a.device.id))
+        be = _gpu(a.device.id)
     else:
         raise TypeError(
             f"{opname}: {argname}: expected a numpy.ndarray or cupy.ndarray, got {type(a).__module__}."
@@ -111,7 +136,7 @@ def resolve(opname: str, named: dict) -> Backend:
             b = classify(opname, label, a)
             if be is None:
                 be, first = b, label
-            elif b != be:
+            elif b is not be and b != be:
                 what = (f"{b.name} array" if b.name != be.name
                         else f"array on CUDA device {b.device}")
                 want = (f"{be.name} array" if b.name != be.name
@@ -119,7 +144,7 @@ def resolve(opname: str, named: dict) -> Backend:
                 raise TypeError(
                     f"{opname}: {label}: got a {what}, but {first} is a {want}; all arrays of one "
                     f"call must live in one module and on one device (no implicit copies)")
-    return be if be is not None else Backend("numpy")
+    return be if be is not None else _NUMPY
 
 
 # ---------------------------------------------------------------------------------- interop
@@ -202,7 +227,7 @@ def _np_torch(dt):
     return getattr(torch, np.dtype(dt).name)
 
 
-# id(tensor) -> (weakref, data_ptr, shape, strides, dtype, cupy view). A tensor passed again (a cache,
+# id(tensor) -> (weakref, data_ptr, shape, strides, dtype, cupy view, device id). A tensor passed again (a cache,
 # a block table, lengths: the usual decode loop) reuses its view after five cheap identity checks.
 # The view's memory holds the tensor's *storage*, not the tensor, and the entry dies with the tensor.
 # _BACK maps id(view) -> (view, weakref to its tensor): a result that is one of the caller's tensors
@@ -237,7 +262,7 @@ def _torch_cuda_view(t, dev: int):
     old = _VIEWS.get(key)
     if old is not None:
         _BACK.pop(id(old[5]), None)
-    _VIEWS[key] = (ref, ptr, t.shape, t.stride(), t.dtype, a)
+    _VIEWS[key] = (ref, ptr, t.shape, t.stride(), t.dtype, a, dev)
     _BACK[id(a)] = (a, ref)
     return a
 
@@ -262,9 +287,8 @@ def _torch_cuda(v, call: _Call):
     dictionary lookup and five identity checks)."""
     if call.stream is None:
         _torch_call(v, call)
-    e = _VIEWS.get(id(v))
-    if (e is not None and e[0]() is v and e[1] == v.data_ptr() and e[2] == v.shape and e[3] == v.stride()
-            and e[4] is v.dtype):
+    e = _VIEWS.get(id(v))   # an entry dies with its tensor (weakref callback): same id, same object
+    if e is not None and e[1] == v.data_ptr() and e[2] == v.shape and e[3] == v.stride() and e[4] is v.dtype:
         return e[5]
     dev = v.get_device()
     a = _torch_cuda_view(v, dev)
@@ -447,6 +471,7 @@ def op(opname: str, arrays: tuple[str, ...]):
             call = _CALL.get() if depth else None
             named = {}
             largs = None
+            known = None   # views of torch tensors on the call's device: nothing to classify
             for n, i in slots:
                 if i < len(args):
                     v = args[i]
@@ -456,10 +481,22 @@ def op(opname: str, arrays: tuple[str, ...]):
                     continue
                 if v is None:
                     continue
-                if type(v) is _TENSOR and v.is_cuda:   # the torch decode-loop hot path
+                dest = named
+                if type(v) is _TENSOR:   # the torch decode-loop hot path: a tensor seen before
                     if call is None:
                         call = _Call()
-                    v = _torch_cuda(v, call)
+                    e = _VIEWS.get(id(v))   # an entry dies with its tensor: same id, same object
+                    if (e is not None and e[1] == v.data_ptr() and e[2] == v.shape and e[3] == v.stride()
+                            and e[4] is v.dtype):
+                        if call.stream is None:
+                            _torch_call(v, call)
+                        v = e[5]
+                        if e[6] == call.device:
+                            if known is None:
+                                known = {}
+                            dest = known
+                    else:
+                        v = _torch_cuda(v, call) if v.is_cuda else _to_native(opname, n, v, call)
                 elif isinstance(v, _SCALARS) or isinstance(v, _NATIVE) or is_cupy(v):
                     if not isinstance(v, _SCALARS):
                         named[n] = v
@@ -476,7 +513,7 @@ def op(opname: str, arrays: tuple[str, ...]):
                     if call is None:
                         call = _Call()
                     v = _to_native(opname, n, v, call)
-                named[n] = v
+                dest[n] = v
                 if i < len(args):
                     if largs is None:
                         largs = list(args)
@@ -485,7 +522,12 @@ def op(opname: str, arrays: tuple[str, ...]):
                     kwargs[n] = v
             if largs is not None:
                 args = tuple(largs)
-            be = resolve(opname, named)
+            if known is None:
+                be = resolve(opname, named)
+            else:   # the rest must agree with the tensors' device (else resolve names the culprit)
+                be = _gpu(call.device)
+                if named and resolve(opname, named) is not be:
+                    resolve(opname, {**known, **named})
             token = _CURRENT.set(be)
             dtok = _DEPTH.set(depth + 1)
             ctok = _CALL.set(call) if depth == 0 else None

@@ -214,6 +214,12 @@ def test_module_mix_names_argument(cuda, rng):
     x = activations(rng, (2, 64))
     with raises_arg(TypeError, "rms_norm", "weight"):
         cukv.rms_norm(t_host(x).cuda(), t_host(activations(rng, (64,))))
+    t = t_host(x).cuda()
+    cukv.rms_norm(t)                       # t's view is now cached: the fast path must still check
+    with raises_arg(TypeError, "rms_norm", "weight"):
+        cukv.rms_norm(t, t_host(activations(rng, (64,))))
+    with raises_arg(TypeError, "rms_norm", "weight"):
+        cukv.rms_norm(t, activations(rng, (64,)))          # a NumPy array
 
 
 def test_runs_on_torch_current_stream(cuda, rng):
