@@ -58,6 +58,14 @@ FIT_DIMS = (64, 128, 256)   # head sizes with a compile-time-D quantize kernel (
 OWNED = ((2, 4), (4, 2), (4, 4), (8, 2), (8, 4))
 
 
+# int4:g1 rows with D in FIT_DIMS (teams of W <= 8 lanes) go to codec.cu's quantize_int4_staged when x
+# and the output are 16-byte aligned: a warp's rows leave through shared memory as one 16-byte aligned
+# span (D = 128: 8 rows = 34 x 16 bytes) instead of 4-byte stores into 68-byte rows, and min / max run
+# on packed bf16x2 / f16x2 words. On the H100 (bf16 [2^19, 128]): 85% of copy against 80% for
+# quantize_rows (same bytes); D = 64: 85% vs 64%, D = 256: 86% vs 83%.
+STAGED = {D: wide_team_shape(D) for D in FIT_DIMS}   # D -> (W, V)
+
+
 def _quantize_shapes(f, g):
     return WIDE_SHAPES if (f, g) == (3, 1) else _compile.TEAM_SHAPES
 
@@ -68,6 +76,8 @@ _CODEC = _compile.Family("codec.cu", [
       for w, v in _quantize_shapes(f, g)
       for fit in ((False, True) if 8 * w * v in FIT_DIMS else (False,))),
     *(_compile.expression("quantize_int4_owned", t, g, v) for t in IN_TYPES.values() for g, v in OWNED),
+    *(_compile.expression("quantize_int4_staged", t, w, v) for t in IN_TYPES.values()
+      for w, v in STAGED.values()),
     *(_compile.expression("dequantize_rows", f, g, w, v)
       for f, g in _FMT_G for w, v in _compile.TEAM_SHAPES),
 ])
@@ -184,6 +194,11 @@ def quantize(x, fmt, *, external_qparams=False, scale=None):
     if gv in OWNED and _checks.aligned(x, 16) and _checks.aligned(out, 16):
         k = _CODEC.kernel("quantize_int4_owned", IN_TYPES[x.dtype], *gv)
         blocks = min(-(-n * G // _BLOCK), sm_count() * resident_blocks(k, _BLOCK))
+        _compile.launch(k, (blocks,), (_BLOCK,), (x, _compile.i64(n), out))
+        return out
+    if kind == "int4" and G == 1 and D in STAGED and _checks.aligned(x, 16) and _checks.aligned(out, 16):
+        k = _CODEC.kernel("quantize_int4_staged", IN_TYPES[x.dtype], *STAGED[D])
+        blocks = min(-(-n * STAGED[D][0] // _BLOCK), sm_count() * resident_blocks(k, _BLOCK))
         _compile.launch(k, (blocks,), (_BLOCK,), (x, _compile.i64(n), out))
         return out
     k = _CODEC.kernel("quantize_rows", IN_TYPES[x.dtype], fcode, G, W, V, D == 8 * W * V and D in FIT_DIMS)

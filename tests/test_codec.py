@@ -183,6 +183,24 @@ def test_kernel_matches_reference(gpu, rng, fmt, dtype, D):
         assert_bytes_equal(back, back_want, what=f"dequantize {fmt} D={D} n={n}")
 
 
+@pytest.mark.parametrize("D", [64, 128, 256])
+def test_kernel_int4_g1_staged_many_waves(gpu, rng, D):
+    """int4:g1 rows written through shared memory (codec.cu quantize_int4_staged): with more rows than
+    one wave of teams every team loops and prefetches, and the last warp's span of rows is partial
+    (2 waves + 5 rows). Bytes == reference; the output's pool block is poisoned first."""
+    from cukv import codec
+
+    W, V = codec.STAGED[D]
+    k = codec._CODEC.kernel("quantize_int4_staged", "bf16_t", W, V)
+    teams = codec.sm_count() * codec.resident_blocks(k, codec._BLOCK) * codec._BLOCK // W
+    n = 2 * teams + 5
+    x = activations(rng, (n, D))
+    want = cukv.quantize(x, "int4:g1")
+    gpu.full(want.nbytes, 0xA5, dtype=np.uint8)
+    got = cukv.quantize(gpu.asarray(x), "int4:g1")
+    assert_bytes_equal(got, want, what=f"quantize int4:g1 D={D} n={n}")
+
+
 @pytest.mark.parametrize("fmt", ["fp8", "int4", "int4:g8", "fp8_head"])
 def test_kernel_dequantize_arbitrary_bytes(gpu, rng, fmt):
     """Every byte pattern (NaN codes, subnormals, random fp16 qparams) decodes like the reference."""
@@ -209,7 +227,7 @@ def test_kernel_noncontiguous_and_misaligned(gpu, rng, how):
     """Strided inputs behave as ascontiguousarray(x); a misaligned base takes the scalar path."""
     x = activations(rng, (9, 128))
     xd = misaligned_copy(gpu, x) if how == "misaligned" else strided_copy(gpu, x, how=how)
-    for fmt in ("fp8", "int4:g4"):
+    for fmt in ("fp8", "int4:g4", "int4:g1"):
         assert_bytes_equal(cukv.quantize(xd, fmt), cukv.quantize(x, fmt))
     rows = cukv.quantize(x, "int4:g4")
     rd = misaligned_copy(gpu, rows, 2) if how == "misaligned" else strided_copy(gpu, rows, how="pad")
