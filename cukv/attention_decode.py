@@ -142,7 +142,7 @@ def auto_splits(base_ctas: int, capacity: int, n_sm: int, ctas_per_sm: int, *, d
     split count whose CTAs fill the slots evenly (``ctas / (ceil(ctas / slots) * slots) >= 0.96``) is
     taken (0.96: at batch 1 a 0.9 rule left 12 of 132 H100 SMs idle); splits keep at least 256 keys
     of capacity each. The dequantizing kinds are arithmetic-heavy and, once the chip holds two waves of
-    CTAs, run best with about ``dequant`` CTAs per SM in total (8 for fp8, 4 for int4: H100 sweeps in
+    CTAs, run best with about ``dequant`` CTAs per SM in total (16 for fp8, 4 for int4: H100 sweeps in
     ``scripts/bench_decode.py``).
     """
     if base_ctas <= 0:
@@ -242,7 +242,7 @@ def config(p: Plan, num_splits: int | None = None) -> Config:
         # with 4 splits instead of 2; batch 1 keeps two (not measured at four).
         cap = {"bf16": 1, "int4": 4 if 2 * base >= n_sm else 2}.get(g.kind, 2)
         occ = min(occ, _TUNE.get("occ", cap))
-        S = auto_splits(base, g.capacity, n_sm, occ, dequant={"bf16": 0, "int4": 4}.get(g.kind, 8))
+        S = auto_splits(base, g.capacity, n_sm, occ, dequant={"bf16": 0, "int4": 4}.get(g.kind, 16))
     return Config(kernel=kernel, nw=nw, smem=smem, num_splits=S, n_hg=n_hg, pad=pad, hdr=hdr, sK=sK, sV=sV,
                   stage_bytes=stage_bytes, warp_bytes=warp_bytes)
 
@@ -315,7 +315,7 @@ def run(p: Plan, *, partials: bool = False, dots: bool = False, num_splits: int 
     _compile.launch(cfg.kernel, grid, (32 * cfg.nw,), args, shared_mem=cfg.smem)
     if use_parts:
         merge = _FAMILY.kernel("decode_attn_merge")
-        _compile.launch(merge, (B * NH,), (64,), (pa, pm, i32(NH), i32(S), i32(D), out, lse))
+        _compile.launch(merge, (B * NH,), (128,), (pa, pm, i32(NH), i32(S), i32(D), out, lse))
     return out, lse, pa, pm, dt
 
 

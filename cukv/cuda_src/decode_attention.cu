@@ -5,7 +5,7 @@
 //   query heads of one head group that share a KV head, so every K/V row of the split is loaded once
 //   for all of them. KIND: 0 bf16, 1 fp8 (inline words, external int32 words, or fp8_head float32
 //   scales: `fp8_mode` 0/1/2), 2 int4 (G groups, `gshift` = log2(D/G)). NT = 1 for <= 8 query heads
-//   per KV head, 2 for 9..16 (the PV product then needs two n-tiles).
+//   per KV head, 2 for 9..16 (the score and PV products then need two n-tiles of 8 heads).
 // decode_attn_merge: the log-sum-exp merge of the splits, one block per (lane, query head), in a
 //   fixed order (deterministic, no atomics).
 //
@@ -17,19 +17,24 @@
 // Algorithm. Each warp of the CTA owns the 16-key blocks w, w+nw, ... of the split and streams them
 // through its own STAGES-deep ring of shared-memory slots with cp.async. Fast copy (`fast`, the usual
 // case: every row of a head sits at the same address mod 16): 8 lanes per row, 16-byte pieces between
-// the row's 16-byte boundaries and 4-byte pieces at its ends, so exactly the row's bytes are read and
-// the row lands at its address mod 16 in its slot. Generic copy: uniform 16/8/4-byte pieces (or bytes)
-// chosen by the host from the strides and base addresses. Rows that must not be read (past the
+// the row's 16-byte boundaries and 4-byte pieces at its ends (each lane: one 16-byte piece per 128
+// bytes and at most one 4-byte piece of each of its rows), so exactly the row's bytes are read and
+// the row lands at its address mod 16 in its slot; whole blocks of contiguous caches walk per-lane row
+// pointers (no per-row offsets through shared memory). Generic copy: uniform 16/8/4-byte pieces (or
+// bytes) chosen by the host from the strides and base addresses. Rows that must not be read (past the
 // split, or behind an out-of-range page id) are zero-filled, never loaded, and masked to -inf. Shared
 // memory does not depend on the sequence length. Per block:
-//   S[h, t] = Q K^T with mma.m16n8k16 (A = q, 16 head rows; B = K^T, two n-tiles of 8 keys). The
-//     reduction index (d) may be permuted freely as long as A and B agree, so every thread decodes a
-//     few 8-element chunks of its key straight from the raw row bytes into bf16 pairs (the q fragments
-//     are laid out once in shared memory with the same permutation).
+//   S^T[t, h] = K Q^T with mma.m16n8k16 (A = K: 16 key rows; B = Q^T: n-tiles of 8 heads, so with
+//     4 heads per KV head half of each tile is used, not a quarter). The reduction index (d) may be
+//     permuted freely as long as A and B agree, so every thread decodes a few 8-element chunks of its
+//     keys g and 8+g straight from the raw row bytes into bf16 pairs (the q fragments are laid out
+//     once in shared memory with the same permutation).
 //   online softmax in the log2 domain (scores prescaled by softmax_scale*log2(e), exp2), fp32 sums of
 //     the unrounded probabilities; the probabilities are rounded to bf16/fp16 for the P.V product.
-//   O^T[d, h] += V^T P^T with mma (A = V^T: 16 d rows x 16 keys, B = P^T whose fragment is exactly the
-//     accumulator layout of S, so P never leaves registers).
+//     A thread holds heads 2t, 2t+1 of a tile: the running max and the rescale factors are local
+//     after a max over the 8 lanes of its column; the sums are per-thread partials reduced at the end.
+//   O^T[d, h] += V^T P^T with mma (A = V^T: 16 d rows x 16 keys, B = P^T: the 8x8 tiles of P the
+//     thread holds, transposed in registers with movmatrix, so P never goes through shared memory).
 // At the end the warps of a CTA are merged through shared memory; a single split writes out/lse
 // directly, otherwise the unnormalised a, m, l of the split go to float32 partials for the merge.
 //
@@ -63,7 +68,7 @@
 #define CUKV_DA_MINB 4
 #endif
 #ifndef CUKV_DA_MINB_FP8
-#define CUKV_DA_MINB_FP8 1
+#define CUKV_DA_MINB_FP8 3
 #endif
 
 // ------------------------------------------------------------------------------------ PTX helpers
@@ -100,6 +105,19 @@ __device__ __forceinline__ u32 hfma2(u32 a, u32 b, u32 c) {
   return r;
 }
 
+// a * (lo half of sz, twice) + (hi half of sz, twice) in f16x2: the halves are broadcast by operand
+// selectors of the fma (no byte permutes).
+__device__ __forceinline__ u32 hfma2_bcast(u32 a, u32 sz) {
+  u32 r;
+  asm("{\n .reg .b16 lo, hi;\n .reg .b32 s2, z2;\n mov.b32 {lo, hi}, %2;\n mov.b32 s2, {lo, lo};\n"
+      " mov.b32 z2, {hi, hi};\n fma.rn.f16x2 %0, %1, s2, z2;\n}\n" : "=r"(r) : "r"(a), "r"(sz));
+  return r;
+}
+
+// The codes in bits 16-31 of `w`, like e4m3x2_to_f16x2(w >> 16) (sm_89+: the cvt reads the high
+// half directly, no shift).
+__device__ __forceinline__ u32 e4m3x2_hi_to_f16x2(u32 w);
+
 // Two e4m3 codes (bits 0-7 and 8-15 of `two`) -> fp16x2 of their exact values (every e4m3fn value,
 // NaN included, is an fp16 value).
 __device__ __forceinline__ u32 e4m3x2_to_f16x2(u32 two) {
@@ -110,6 +128,16 @@ __device__ __forceinline__ u32 e4m3x2_to_f16x2(u32 two) {
   return h;
 #else
   return (u32)f32_to_f16(e4m3_to_f32(two & 0xffu)) | ((u32)f32_to_f16(e4m3_to_f32((two >> 8) & 0xffu)) << 16);
+#endif
+}
+
+__device__ __forceinline__ u32 e4m3x2_hi_to_f16x2(u32 w) {
+#if __CUDA_ARCH__ >= 890
+  u32 h;
+  asm("{\n .reg .b16 lo, hi;\n mov.b32 {lo, hi}, %1;\n cvt.rn.f16x2.e4m3x2 %0, hi;\n}\n" : "=r"(h) : "r"(w));
+  return h;
+#else
+  return e4m3x2_to_f16x2(w >> 16);
 #endif
 }
 
@@ -177,10 +205,9 @@ __device__ __forceinline__ void pre_chunk(const u32* raw, int ck, const RowQ& q,
     for (int k = 0; k < 4; ++k) P[k] = raw[k];
   } else if (KIND == KIND_FP8) {
 #pragma unroll
-    for (int k = 0; k < 4; ++k) P[k] = e4m3x2_to_f16x2(raw[k >> 1] >> (16 * (k & 1)));
+    for (int k = 0; k < 4; ++k) P[k] = (k & 1) ? e4m3x2_hi_to_f16x2(raw[k >> 1]) : e4m3x2_to_f16x2(raw[k >> 1]);
   } else {
     const u32 qw = *reinterpret_cast<const u32*>(q.hdr + 4 * ((ck << 3) >> gshift));
-    const u32 s2 = __byte_perm(qw, qw, 0x1010), z2 = __byte_perm(qw, qw, 0x3232);
     // Word k holds nibbles (k, k+4) as fp16 1024 + q (k even) or 1024 + 16q (k odd); both give q
     // exactly: (h - 1024) and (h/16 - 64). Then one fp16 fma: RN_f16(q*scale + shift).
     const u32 mlo = 0x000f000fu, mhi = 0x00f000f0u, magic = 0x64006400u;
@@ -188,7 +215,7 @@ __device__ __forceinline__ void pre_chunk(const u32* raw, int ck, const RowQ& q,
     const u32 qv[4] = {hsub2(and_or(r, mlo, magic), magic), hfma2(and_or(r, mhi, magic), 0x2c002c00u, 0xd400d400u),
                        hsub2(and_or(y, mlo, magic), magic), hfma2(and_or(y, mhi, magic), 0x2c002c00u, 0xd400d400u)};
 #pragma unroll
-    for (int k = 0; k < 4; ++k) P[k] = hfma2(qv[k], s2, z2);
+    for (int k = 0; k < 4; ++k) P[k] = hfma2_bcast(qv[k], qw);
   }
 }
 
@@ -430,10 +457,18 @@ __global__ void __launch_bounds__(128, D * NT > 128 ? 1 : KIND == KIND_INT4 ? CU
     for (int mt = 0; mt < KS; ++mt)
 #pragma unroll
       for (int c = 0; c < 4; ++c) o[a][mt][c] = 0.0f;
-  float m_run[2] = {CUKV_NEG_INF, CUKV_NEG_INF}, l_run[2] = {0.0f, 0.0f};
-  // fp8 V fold (see the header): o is kept in units of 2^(e_run - 127), z_run[hh] = sum_t p_t shift_t.
+  // running max / sum of heads 8*hh + 2*tid + k (l_run, z_run: over this thread's keys only)
+  float m_run[NT][2], l_run[NT][2], z_run[NT][2];
+#pragma unroll
+  for (int hh = 0; hh < NT; ++hh)
+#pragma unroll
+    for (int k = 0; k < 2; ++k) {
+      m_run[hh][k] = CUKV_NEG_INF;
+      l_run[hh][k] = 0.0f;
+      z_run[hh][k] = 0.0f;
+    }
+  // fp8 V fold (see the header): o is kept in units of 2^(e_run - 127), z_run = sum_t p_t shift_t.
   int e_run = 1;
-  float z_run[2] = {0.0f, 0.0f};
 
   __syncthreads();   // q fragments ready
 
@@ -456,25 +491,24 @@ __global__ void __launch_bounds__(128, D * NT > 128 ? 1 : KIND == KIND_INT4 ? CU
       RowQ rq;
       const u8* h = row + (isv ? pad_v : pad_k);   // the row's first byte (its qparam words)
       rq.s = 0.0f; rq.z = 0.0f; rq.hdr = h;
-      if (KIND == KIND_FP8) {
-        if (fp8_mode == 2) {
-          rq.s = isv ? hs_v : hs_k;
-          rq.z = -0.0f;
-        } else {
-          const u32 wd = fp8_mode == 1 ? stW[(isv ? 16 : 0) + key] : *reinterpret_cast<const u32*>(h);
-          rq.s = f16_to_f32((u16)(wd & 0xffffu));
-          rq.z = f16_to_f32((u16)(wd >> 16));
-        }
+      if (KIND == KIND_FP8) {   // one unconditional load (no branch: it can be scheduled early)
+        const u32 wd = *(fp8_mode == 1 ? stW + (isv ? 16 : 0) + key : reinterpret_cast<const u32*>(h));
+        const bool head_s = fp8_mode == 2;
+        rq.s = head_s ? (isv ? hs_v : hs_k) : f16_to_f32((u16)(wd & 0xffffu));
+        rq.z = head_s ? -0.0f : f16_to_f32((u16)(wd >> 16));
       }
       return rq;
     };
 
-    // ---- S = Q K^T: n-tile nt covers keys nt*8 + (0..7); this thread decodes key nt*8 + g.
-    float sc[2][4];
+    // ---- S^T = K Q^T (keys on the mma rows, so 8 query heads fill an n-tile): this thread decodes
+    // keys g and 8 + g; sc[hh][c] is (key g + 8*(c>>1), head 8*hh + 2*tid + (c&1)).
+    // (two accumulator chains per tile, even and odd k-steps, for latency: summed below; int4 has
+    // no registers to spare)
+    float sc[NT][4], sc2[NT][4];
 #pragma unroll
-    for (int nt = 0; nt < 2; ++nt)
+    for (int hh = 0; hh < NT; ++hh)
 #pragma unroll
-      for (int c = 0; c < 4; ++c) sc[nt][c] = 0.0f;
+      for (int c = 0; c < 4; ++c) sc[hh][c] = sc2[hh][c] = 0.0f;
     {
       const u8* kr0 = stK + g * sK;
       const u8* kr1 = stK + (8 + g) * sK;
@@ -504,31 +538,38 @@ __global__ void __launch_bounds__(128, D * NT > 128 ? 1 : KIND == KIND_INT4 ? CU
           pre_chunk<KIND, D>(raw1 + c * (G_::CB / 4), ckk, q1, gshift, p1);
           pack_chunk<KIND>(p0, q0, w0);
           pack_chunk<KIND>(p1, q1, w1);
-          mma_bf16(sc[0], qa.x, qa.y, qa.z, qa.w, w0[0], w0[1]);
-          mma_bf16(sc[0], qb.x, qb.y, qb.z, qb.w, w0[2], w0[3]);
-          mma_bf16(sc[1], qa.x, qa.y, qa.z, qa.w, w1[0], w1[1]);
-          mma_bf16(sc[1], qb.x, qb.y, qb.z, qb.w, w1[2], w1[3]);
+          // S^T = K Q^T: A = K (keys g, g+8 x the k-step's 16 slots), B = Q^T (head tile hh)
+#pragma unroll
+          for (int hh = 0; hh < NT; ++hh) {
+            mma_bf16(sc[hh], w0[0], w1[0], w0[1], w1[1], hh ? qa.y : qa.x, hh ? qa.w : qa.z);
+            mma_bf16(KIND == KIND_INT4 ? sc[hh] : sc2[hh], w0[2], w1[2], w0[3], w1[3], hh ? qb.y : qb.x,
+                     hh ? qb.w : qb.z);
+          }
         }
       }
     }
 
-    // ---- scores: sc[nt][c] is (head g + 8*(c>>1), key nt*8 + 2*tid + (c&1)).
-    float x[2][4];
 #pragma unroll
-    for (int nt = 0; nt < 2; ++nt)
+    for (int hh = 0; hh < NT; ++hh)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) sc[hh][c] += sc2[hh][c];
+
+    // ---- scores (log2 units; masked keys -inf)
+    const bool ok_lo = (vm >> g) & 1u, ok_hi = (vm >> (8 + g)) & 1u;
+    float x[NT][4];
+#pragma unroll
+    for (int hh = 0; hh < NT; ++hh)
 #pragma unroll
       for (int c = 0; c < 4; ++c) {
-        const int key = nt * 8 + 2 * tid + (c & 1);
-        const bool ok = (vm >> key) & 1u;
-        x[nt][c] = ok ? sc[nt][c] * scale_log2 : CUKV_NEG_INF;
+        const bool ok = c < 2 ? ok_lo : ok_hi;
+        x[hh][c] = ok ? sc[hh][c] * scale_log2 : CUKV_NEG_INF;
         if (dots != nullptr && ok) {
-          const int head = g + 8 * (c >> 1);
-          if (head < nh) dots[((i64)b * n_heads + h0 + head) * dots_cap + t0 + key] = sc[nt][c];
+          const int head = 8 * hh + 2 * tid + (c & 1), key = g + 8 * (c >> 1);
+          if (head < nh) dots[((i64)b * n_heads + h0 + head) * dots_cap + t0 + key] = sc[hh][c];
         }
       }
 
-    // ---- V rows of this thread: keys 2t, 2t+1, 8+2t, 8+2t+1 (the keys of its P^T fragment).
-    // (fp8 reads their qparams here, before the softmax; the other kinds after it.)
+    // ---- V rows of this thread in the P.V product: keys 2t, 2t+1, 8+2t, 8+2t+1.
     auto v_rows = [&](const u8* (&vr)[4], RowQ (&vq)[4]) {
 #pragma unroll
       for (int k = 0; k < 4; ++k) {
@@ -539,50 +580,49 @@ __global__ void __launch_bounds__(128, D * NT > 128 ? 1 : KIND == KIND_INT4 ? CU
     };
     const u8* vr[4];
     RowQ vq[4];
-    // fp8: the V scales are folded into the probabilities. e_run: the largest biased fp32 exponent
-    // of any V scale seen so far (warp-uniform); p'_t = p_t * scale_t * 2^(127 - e_run) < 2 in fp16.
-    float fe = 1.0f, sf[4] = {1.0f, 1.0f, 1.0f, 1.0f};
+    // fp8: the V scales are folded into the probabilities (keys g, 8 + g here). e_run: the largest
+    // biased fp32 exponent of any V scale seen so far (warp-uniform); p'_t = p_t * scale_t *
+    // 2^(127 - e_run) < 2 in fp16.
+    float fe = 1.0f, sf[2] = {1.0f, 1.0f}, zs[2] = {0.0f, 0.0f};
     if (FOLD) {
-      v_rows(vr, vq);
-      u32 eb = 0;
-#pragma unroll
-      for (int k = 0; k < 4; ++k) eb = max(eb, __float_as_uint(vq[k].s) & 0x7f800000u);
-      eb = max(eb, (u32)__shfl_xor_sync(CUKV_FULL_MASK, eb, 1));
-      eb = max(eb, (u32)__shfl_xor_sync(CUKV_FULL_MASK, eb, 2));
+      const RowQ va = row_q(stV + g * sV, g, true), vb = row_q(stV + (8 + g) * sV, 8 + g, true);
+      u32 eb = max(__float_as_uint(va.s) & 0x7f800000u, __float_as_uint(vb.s) & 0x7f800000u);
+      eb = max(eb, (u32)__shfl_xor_sync(CUKV_FULL_MASK, eb, 4));
+      eb = max(eb, (u32)__shfl_xor_sync(CUKV_FULL_MASK, eb, 8));
+      eb = max(eb, (u32)__shfl_xor_sync(CUKV_FULL_MASK, eb, 16));
       const int e_new = max(e_run, min((int)(eb >> 23), 253));
       const int de = 127 + e_run - e_new;                        // o *= 2^(e_run - e_new)
       fe = de >= 1 ? __uint_as_float((u32)de << 23) : 0.0f;
       e_run = e_new;
       const float inv = __uint_as_float((u32)(254 - e_new) << 23);   // 2^(127 - e_new), normal
-#pragma unroll
-      for (int k = 0; k < 4; ++k) sf[k] = vq[k].s * inv;
+      sf[0] = va.s * inv;
+      sf[1] = vb.s * inv;
+      zs[0] = va.z;
+      zs[1] = vb.z;
     }
 
-    float p[2][4];
     u32 pb[NT][2];
 #pragma unroll
-    for (int hh = 0; hh < NT; ++hh) {   // head row g (hh = 0) and g + 8 (hh = 1)
-      const int c0 = 2 * hh;
-      float mx = fmaxf(fmaxf(x[0][c0], x[0][c0 + 1]), fmaxf(x[1][c0], x[1][c0 + 1]));
-      mx = fmaxf(mx, __shfl_xor_sync(CUKV_FULL_MASK, mx, 1));
-      mx = fmaxf(mx, __shfl_xor_sync(CUKV_FULL_MASK, mx, 2));
-      const float mnew = fmaxf(m_run[hh], mx);
-      const float mu = mnew == CUKV_NEG_INF ? 0.0f : mnew;
-      const float alpha = ex2_approx(m_run[hh] - mu);
-      m_run[hh] = mnew;
+    for (int hh = 0; hh < NT; ++hh) {   // heads 8*hh + 2*tid + k, k = 0, 1
+      float alpha[2], p[4];
 #pragma unroll
-      for (int nt = 0; nt < 2; ++nt) {
-        p[nt][c0] = ex2_approx(x[nt][c0] - mu);
-        p[nt][c0 + 1] = ex2_approx(x[nt][c0 + 1] - mu);
+      for (int k = 0; k < 2; ++k) {
+        float mx = fmaxf(x[hh][k], x[hh][2 + k]);   // keys g, 8 + g; then over g
+        mx = fmaxf(mx, __shfl_xor_sync(CUKV_FULL_MASK, mx, 4));
+        mx = fmaxf(mx, __shfl_xor_sync(CUKV_FULL_MASK, mx, 8));
+        mx = fmaxf(mx, __shfl_xor_sync(CUKV_FULL_MASK, mx, 16));
+        const float mnew = fmaxf(m_run[hh][k], mx);
+        const float mu = mnew == CUKV_NEG_INF ? 0.0f : mnew;
+        alpha[k] = ex2_approx(m_run[hh][k] - mu);
+        m_run[hh][k] = mnew;
+        p[k] = ex2_approx(x[hh][k] - mu);
+        p[2 + k] = ex2_approx(x[hh][2 + k] - mu);
+        l_run[hh][k] = l_run[hh][k] * alpha[k] + (p[k] + p[2 + k]);   // this thread's keys only
+        if (FOLD) z_run[hh][k] = z_run[hh][k] * alpha[k] + (p[k] * zs[0] + p[2 + k] * zs[1]);
       }
-      l_run[hh] = l_run[hh] * alpha + ((p[0][c0] + p[0][c0 + 1]) + (p[1][c0] + p[1][c0 + 1]));
-      if (FOLD)
-        z_run[hh] = z_run[hh] * alpha + ((p[0][c0] * vq[0].z + p[0][c0 + 1] * vq[1].z) +
-                                         (p[1][c0] * vq[2].z + p[1][c0 + 1] * vq[3].z));
-      // O^T columns of this head tile are heads 8*hh + 2*tid and + 1: fetch their alphas.
-      if (__any_sync(CUKV_FULL_MASK, alpha != 1.0f) || fe != 1.0f) {   // running max or V exponent moved
-        const float a_lo = __shfl_sync(CUKV_FULL_MASK, alpha, (2 * tid) << 2) * fe;
-        const float a_hi = __shfl_sync(CUKV_FULL_MASK, alpha, (2 * tid + 1) << 2) * fe;
+      // O^T columns of this head tile are heads 8*hh + 2*tid and + 1: their alphas are local.
+      if (__any_sync(CUKV_FULL_MASK, alpha[0] != 1.0f || alpha[1] != 1.0f) || fe != 1.0f) {
+        const float a_lo = alpha[0] * fe, a_hi = alpha[1] * fe;
 #pragma unroll
         for (int mt = 0; mt < KS; ++mt) {
           o[hh][mt][0] *= a_lo;
@@ -591,18 +631,23 @@ __global__ void __launch_bounds__(128, D * NT > 128 ? 1 : KIND == KIND_INT4 ? CU
           o[hh][mt][3] *= a_hi;
         }
       }
+      // P^T fragments (B of the P.V product: keys 2t, 2t+1 / 8+2t, 8+2t+1 of head 8*hh + g) are the
+      // transposes of the 8x8 tiles (key g / 8+g; heads 2t, 2t+1) this thread holds.
+      u32 t_lo, t_hi;
       if (KIND == KIND_BF16) {
-        pb[hh][0] = pack_bf16x2(p[0][c0], p[0][c0 + 1]);   // keys 2t, 2t+1 of head row
-        pb[hh][1] = pack_bf16x2(p[1][c0], p[1][c0 + 1]);   // keys 8+2t, 8+2t+1
+        t_lo = pack_bf16x2(p[0], p[1]);
+        t_hi = pack_bf16x2(p[2], p[3]);
       } else {   // fp16 P (fp8: scaled by sf, see above)
-        pb[hh][0] = pack_f16x2(p[0][c0] * sf[0], p[0][c0 + 1] * sf[1]);
-        pb[hh][1] = pack_f16x2(p[1][c0] * sf[2], p[1][c0 + 1] * sf[3]);
+        t_lo = pack_f16x2(p[0] * sf[0], p[1] * sf[0]);
+        t_hi = pack_f16x2(p[2] * sf[1], p[3] * sf[1]);
       }
+      pb[hh][0] = movmatrix_trans(t_lo);
+      pb[hh][1] = movmatrix_trans(t_hi);
     }
 
     // ---- O^T += V^T P^T: this thread holds keys 2t, 2t+1, 8+2t, 8+2t+1 and V chunks g + 8*ci.
     {
-      if (!FOLD) v_rows(vr, vq);
+      v_rows(vr, vq);   // (fp8: only the row addresses are used)
       constexpr int NG = D == 256 ? 2 : 1;           // chunk groups
       constexpr int MPG = KS / NG;                    // m-tiles per group
 #pragma unroll
@@ -632,8 +677,10 @@ __global__ void __launch_bounds__(128, D * NT > 128 ? 1 : KIND == KIND_INT4 ? CU
 #pragma unroll
             for (int h = 0; h < 2; ++h) {
               const int mt = grp * MPG + mp + h;
-              const u32 a0 = e4m3x2_to_f16x2(w01A >> (16 * h)), a1 = e4m3x2_to_f16x2(w01B >> (16 * h));
-              const u32 a2 = e4m3x2_to_f16x2(w23A >> (16 * h)), a3 = e4m3x2_to_f16x2(w23B >> (16 * h));
+              const u32 a0 = h ? e4m3x2_hi_to_f16x2(w01A) : e4m3x2_to_f16x2(w01A);
+              const u32 a1 = h ? e4m3x2_hi_to_f16x2(w01B) : e4m3x2_to_f16x2(w01B);
+              const u32 a2 = h ? e4m3x2_hi_to_f16x2(w23A) : e4m3x2_to_f16x2(w23A);
+              const u32 a3 = h ? e4m3x2_hi_to_f16x2(w23B) : e4m3x2_to_f16x2(w23B);
 #pragma unroll
               for (int hh = 0; hh < NT; ++hh) mma_f16(o[hh][mt], a0, a1, a2, a3, pb[hh][0], pb[hh][1]);
             }
@@ -679,17 +726,14 @@ __global__ void __launch_bounds__(128, D * NT > 128 ? 1 : KIND == KIND_INT4 ? CU
 
   // ---- merge the warps of this CTA (the combine area aliases the pipelines).
 #pragma unroll
-  for (int hh = 0; hh < NT; ++hh) {
-    l_run[hh] += __shfl_xor_sync(CUKV_FULL_MASK, l_run[hh], 1);
-    l_run[hh] += __shfl_xor_sync(CUKV_FULL_MASK, l_run[hh], 2);
-  }
-  if (FOLD) {
+  for (int hh = 0; hh < NT; ++hh)
 #pragma unroll
-    for (int hh = 0; hh < NT; ++hh) {
-      z_run[hh] += __shfl_xor_sync(CUKV_FULL_MASK, z_run[hh], 1);
-      z_run[hh] += __shfl_xor_sync(CUKV_FULL_MASK, z_run[hh], 2);
-    }
-  }
+    for (int k = 0; k < 2; ++k)
+#pragma unroll
+      for (int off = 4; off < 32; off <<= 1) {   // sum over the keys g of the warp
+        l_run[hh][k] += __shfl_xor_sync(CUKV_FULL_MASK, l_run[hh][k], off);
+        if (FOLD) z_run[hh][k] += __shfl_xor_sync(CUKV_FULL_MASK, z_run[hh][k], off);
+      }
   const float o_unit = FOLD ? __uint_as_float((u32)e_run << 23) : 1.0f;   // 2^(e_run - 127)
   __syncthreads();
   float* cO = reinterpret_cast<float*>(smem + KS * 32 * 16);   // [nw][16][D]
@@ -698,10 +742,14 @@ __global__ void __launch_bounds__(128, D * NT > 128 ? 1 : KIND == KIND_INT4 ? CU
   float* cz = cl + nw * 16;                                       // [nw][16] (fp8: sum p*shift)
 #pragma unroll
   for (int hh = 0; hh < NT; ++hh) {
-    if (tid == 0) {
-      cm[warp * 16 + g + 8 * hh] = m_run[hh];
-      cl[warp * 16 + g + 8 * hh] = l_run[hh];
-      cz[warp * 16 + g + 8 * hh] = FOLD ? z_run[hh] : 0.0f;
+    if (g == 0) {
+#pragma unroll
+      for (int k = 0; k < 2; ++k) {
+        const int head = 8 * hh + 2 * tid + k;
+        cm[warp * 16 + head] = m_run[hh][k];
+        cl[warp * 16 + head] = l_run[hh][k];
+        cz[warp * 16 + head] = FOLD ? z_run[hh][k] : 0.0f;
+      }
     }
     constexpr int NG = D == 256 ? 2 : 1;
     constexpr int MPG = KS / NG;
@@ -752,28 +800,75 @@ __global__ void __launch_bounds__(128, D * NT > 128 ? 1 : KIND == KIND_INT4 ? CU
 // ------------------------------------------------------------------------------------ merge
 // part_a: float32 [B, S, N_H, D] (unnormalised a_s); part_ml: float32 [B, 2, S, N_H] (m_s natural
 // log units, l_s). out = sum_s e^(m_s - m) a_s / sum_s e^(m_s - m) l_s; lse = m + ln(l).
+// One block per (lane, query head): warp 0 reduces m and l over the splits (lane-strided, fixed
+// order: deterministic), the split weights e^(m_s - m) go through shared memory in chunks of
+// MERGE_CHUNK, and thread d sums its column with independent loads (4 splits per step).
+#define MERGE_CHUNK 256
 __global__ void decode_attn_merge(const float* __restrict__ part_a, const float* __restrict__ part_ml,
                                   int n_heads, int num_splits, int D, u16* __restrict__ out,
                                   float* __restrict__ lse) {
+  __shared__ float wsh[MERGE_CHUNK];
+  __shared__ float ML[2];
   const i64 bh = blockIdx.x;
   const i64 b = bh / n_heads;
   const int h = (int)(bh - b * n_heads);
   const float* mrow = part_ml + (b * 2 + 0) * num_splits * (i64)n_heads + h;
   const float* lrow = part_ml + (b * 2 + 1) * num_splits * (i64)n_heads + h;
-  float M = CUKV_NEG_INF;
-  for (int s = 0; s < num_splits; ++s) M = fmaxf(M, mrow[(i64)s * n_heads]);
-  float l = 0.0f;
-  if (M != CUKV_NEG_INF)
-    for (int s = 0; s < num_splits; ++s) l += __expf(mrow[(i64)s * n_heads] - M) * lrow[(i64)s * n_heads];
-  for (int d = threadIdx.x; d < D; d += blockDim.x) {
-    float acc = 0.0f;
+  if (threadIdx.x < 32) {
+    const int ln = threadIdx.x;
+    float M = CUKV_NEG_INF;
+    for (int s = ln; s < num_splits; s += 32) M = fmaxf(M, mrow[(i64)s * n_heads]);
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) M = fmaxf(M, __shfl_xor_sync(CUKV_FULL_MASK, M, off));
+    float l = 0.0f;
     if (M != CUKV_NEG_INF)
-      for (int s = 0; s < num_splits; ++s) {
-        const float ms = mrow[(i64)s * n_heads];
-        if (ms != CUKV_NEG_INF)
-          acc += __expf(ms - M) * part_a[((b * num_splits + s) * n_heads + h) * (i64)D + d];
+      for (int s = ln; s < num_splits; s += 32) l += __expf(mrow[(i64)s * n_heads] - M) * lrow[(i64)s * n_heads];
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) l += __shfl_xor_sync(CUKV_FULL_MASK, l, off);
+    if (ln == 0) {
+      ML[0] = M;
+      ML[1] = l;
+    }
+  }
+  __syncthreads();
+  const float M = ML[0], l = ML[1];
+  const float* arow = part_a + (b * num_splits * n_heads + h) * (i64)D;   // + s * n_heads * D + d
+  const i64 sstep = (i64)n_heads * D;
+  float acc[(256 + 63) / 64];   // D <= 256, blockDim.x >= 64
+#pragma unroll
+  for (int k = 0; k < (256 + 63) / 64; ++k) acc[k] = 0.0f;
+  if (M != CUKV_NEG_INF) {
+    for (int c0 = 0; c0 < num_splits; c0 += MERGE_CHUNK) {
+      const int n = min(MERGE_CHUNK, num_splits - c0);
+      for (int s = threadIdx.x; s < n; s += blockDim.x) {
+        const float ms = mrow[(i64)(c0 + s) * n_heads];
+        wsh[s] = ms == CUKV_NEG_INF ? 0.0f : __expf(ms - M);
       }
-    out[bh * D + d] = f32_to_bf16(M == CUKV_NEG_INF ? 0.0f : acc / l);
+      __syncthreads();
+#pragma unroll
+      for (int k = 0; k < (256 + 63) / 64; ++k) {
+        const int d = threadIdx.x + k * blockDim.x;
+        if (d < D) {
+          const float* col = arow + (i64)c0 * sstep + d;
+          float a0 = 0.0f, a1 = 0.0f, a2 = 0.0f, a3 = 0.0f;
+          int s = 0;
+          for (; s + 4 <= n; s += 4) {
+            a0 += wsh[s] * col[(i64)s * sstep];
+            a1 += wsh[s + 1] * col[(i64)(s + 1) * sstep];
+            a2 += wsh[s + 2] * col[(i64)(s + 2) * sstep];
+            a3 += wsh[s + 3] * col[(i64)(s + 3) * sstep];
+          }
+          for (; s < n; ++s) a0 += wsh[s] * col[(i64)s * sstep];
+          acc[k] += (a0 + a1) + (a2 + a3);
+        }
+      }
+      __syncthreads();
+    }
+  }
+#pragma unroll
+  for (int k = 0; k < (256 + 63) / 64; ++k) {
+    const int d = threadIdx.x + k * blockDim.x;
+    if (d < D) out[bh * D + d] = f32_to_bf16(M == CUKV_NEG_INF ? 0.0f : acc[k] / l);
   }
   if (threadIdx.x == 0) lse[bh] = M == CUKV_NEG_INF ? CUKV_NEG_INF : M + logf(l);
 }

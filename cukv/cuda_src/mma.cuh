@@ -55,3 +55,11 @@ __device__ __forceinline__ void mma_f16(float (&c)[4], u32 a0, u32 a1, u32 a2, u
       : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
       : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
+
+// The transpose of an 8x8 b16 matrix held in mma fragment layout (thread i: row i/4, columns
+// 2*(i%4), +1 as one b16x2 word) in the same layout: movmatrix (sm_75+).
+__device__ __forceinline__ u32 movmatrix_trans(u32 a) {
+  u32 d;
+  asm("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;" : "=r"(d) : "r"(a));
+  return d;
+}
