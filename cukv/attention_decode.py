@@ -142,7 +142,7 @@ def auto_splits(base_ctas: int, capacity: int, n_sm: int, ctas_per_sm: int, *, d
     split count whose CTAs fill the slots evenly (``ctas / (ceil(ctas / slots) * slots) >= 0.96``) is
     taken (0.96: at batch 1 a 0.9 rule left 12 of 132 H100 SMs idle); splits keep at least 256 keys
     of capacity each. The dequantizing kinds are arithmetic-heavy and, once the chip holds two waves of
-    CTAs, run best with about ``dequant`` CTAs per SM in total (16 for fp8, 4 for int4: H100 sweeps in
+    CTAs, run best with about ``dequant`` CTAs per SM in total (16 for fp8, 8 for int4: H100 sweeps in
     ``scripts/bench_decode.py``).
     """
     if base_ctas <= 0:
@@ -238,11 +238,13 @@ def config(p: Plan, num_splits: int | None = None) -> Config:
         per_warp = -(-regs * 32 // 256) * 256
         occ = max(1, min(smem_sm // (smem + 1024), 65536 // (per_warp * nw), 32))
         base = p.B * g.n_kv_heads * n_hg
-        # int4 (<= 128 registers, 2 stages) holds four CTAs per SM: B16 x 8 KV heads 0.246 -> 0.207 ms
-        # with 4 splits instead of 2; batch 1 keeps two (not measured at four).
-        cap = {"bf16": 1, "int4": 4 if 2 * base >= n_sm else 2}.get(g.kind, 2)
+        # int4 holds four CTAs per SM (<= 128 registers), but since the S^T = K Q^T kernel a single
+        # wave of four per SM runs slower than two per SM or several waves (H100, B16 x 8 KV heads:
+        # 2 splits 0.171 ms, 4 splits 0.193-0.198 ms, 8 splits 0.173 ms; B64: 1/2/3 splits 0.182/0.176/
+        # 0.174 ms; B128: 1/2 splits 0.164/0.184 ms), so two per SM below two waves, 8 in total above.
+        cap = {"bf16": 1}.get(g.kind, 2)
         occ = min(occ, _TUNE.get("occ", cap))
-        S = auto_splits(base, g.capacity, n_sm, occ, dequant={"bf16": 0, "int4": 4}.get(g.kind, 16))
+        S = auto_splits(base, g.capacity, n_sm, occ, dequant={"bf16": 0, "int4": 8}.get(g.kind, 16))
     return Config(kernel=kernel, nw=nw, smem=smem, num_splits=S, n_hg=n_hg, pad=pad, hdr=hdr, sK=sK, sV=sV,
                   stage_bytes=stage_bytes, warp_bytes=warp_bytes)
 
