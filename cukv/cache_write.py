@@ -33,7 +33,8 @@ _RING_MAX = 96 * 1024      # bytes of dynamic shared memory the ring may take pe
 _ASYNC_OK = True
 
 # kernel flags (cache_write.cu)
-_INTERLEAVED, _QK_NORM, _Q_BACK, _K_BACK, _VEC_IN, _VEC_CACHE, _ALL_PRE, _ASYNC = 1, 2, 4, 8, 16, 32, 64, 128
+_INTERLEAVED, _QK_NORM, _Q_BACK, _K_BACK, _VEC_IN, _VEC_CACHE, _ALL_PRE, _ASYNC, _OFF32 = \
+    1, 2, 4, 8, 16, 32, 64, 128, 256
 
 _TABLES: dict = {}
 _TABLES_LOCK = threading.Lock()
@@ -333,6 +334,15 @@ def _write(op, xq, xk, xv, cache_k, cache_v, lanes, pos, *, lane_arg, pos_arg, f
         (_ALL_PRE if all_precomputed else 0)
     if al16(xq_r) and al16(xk_r) and al16(xv_r) and _checks.aligned(out, 16):
         flags |= _VEC_IN
+
+    def fits32(a):   # every element offset of a's rows (and the kernel's int32 products) < 2^31
+        if a is None:
+            return True
+        ts, hs = a.strides[0] // 2, a.strides[1] // 2
+        return ts >= 0 and hs >= 0 and (n - 1) * ts + (int(a.shape[1]) - 1) * hs + D < 2**31
+
+    if fits32(xq_r) and fits32(xk_r) and fits32(xv_r) and n * n_h * D < 2**31:
+        flags |= _OFF32
     fcode, G = fmt_targs(fmt)
     if q_only:
         fcode, G = (2, 1) if kind == "fp8_head" else (0, 1)

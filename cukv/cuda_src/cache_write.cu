@@ -5,7 +5,8 @@
 // are its Q heads, then its K heads, then its V heads (the amax column order), each handled by a team
 // of W = D/8 lanes holding 8 consecutive elements (common.cuh, V = 1). Per row:
 //   Q/K: bf16 -> fp32, position encoding in float64 (RoPE / xPos, one rounding per operation, then
-//        RN_f32), qk_norm (sum of squares in float64, as the reference; the rest in fp32), then
+//        RN_f32), qk_norm (sum of squares in float64: of the float64 position-encoded values before
+//        their RN_f32, or of the fp32 values without a position encoding; the rest in fp32), then
 //        Q: xq_out = RN_bf16(y) (+ write-back into xq), fp8_head: amax[b, h] = max(., max|y|);
 //        K: write-back into xk, then encode like V;
 //   V:   y = f32(x); encode y into the cache row (b, c, h) with rows.cuh (FMT: bf16 / fp8 inline or
@@ -36,6 +37,7 @@
 #define CW_VEC_CACHE 32
 #define CW_ALL_PRE 64
 #define CW_ASYNC 128        // rows come through the cp.async ring (16-byte aligned inputs)
+#define CW_OFF32 256        // every xq/xk/xv/out element offset fits in int32 (non-negative strides)
 
 #ifndef CW_BLOCK
 #define CW_BLOCK 256        // threads per block (cukv/cache_write.py launches with the same)
@@ -76,11 +78,10 @@ __device__ __forceinline__ uint4 load_raw8(const u16* p, bool vec) {
   return u;
 }
 
-// 16 bytes global -> shared without registers (sm_80+); complete after cp_async_wait.
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
-  u32 a;
-  asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(smem));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(a), "l"(gmem) : "memory");
+// 16 bytes global -> shared (32-bit shared-window address sa) without registers (sm_80+); complete
+// after cp_async_wait.
+__device__ __forceinline__ void cp_async16_sa(u32 sa, const void* gmem) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(sa), "l"(gmem) : "memory");
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
 // Wait until at most n (0..3) of this thread's most recent groups are pending.
@@ -105,6 +106,10 @@ __device__ __forceinline__ void store_bf16x8_rt(u16* p, const float (&f)[8], boo
   else store_bf16x8<false>(p, f);
 }
 
+#ifndef CW_SS_UNROUNDED
+#define CW_SS_UNROUNDED 1   // qk_norm after RoPE / xPos: sum the squares of the unrounded float64 results
+#endif
+
 #ifndef CW_STREAM
 #define CW_STREAM 0         // 1: xq_out stored with st.global.cs (evict-first)
 #endif
@@ -121,12 +126,26 @@ __device__ __forceinline__ void store_out8(u16* p, const float (&f)[8], bool vec
   store_bf16x8_rt(p, f, vec);
 }
 
-// Rotate (and xPos-scale) the lane's 8 elements starting at element e0 (SPEC §4.3-§4.4).
-template <int W>
-__device__ __forceinline__ void rotate8(float (&y)[8], int e0, bool interleaved, bool xpos,
-                                        const double* cs, const double* sn, const double* z) {
+// The lane's 8 inputs as float64. (Tried on the H100: building the float64 values from the bf16 bits
+// with integer moves, against cos/sin tables scaled by 2^896, with an Inf/NaN fallback. It removes a
+// conversion per element but adds ~4 integer instructions, and this kernel is issue-bound: 73.6%
+// against 77.9% of copy for fp8 + qk_norm.)
+__device__ __forceinline__ void inputs_f64(double (&x)[8], const float (&y)[8]) {
+#pragma unroll
+  for (int k = 0; k < 8; ++k) x[k] = (double)y[k];
+}
+
+// Rotate (and xPos-scale) the lane's 8 elements starting at element e0 (SPEC §4.3-§4.4); u holds
+// them as bf16 words, y as fp32 (the half-split partner rows are exchanged as words: 4 shuffles).
+// SS: also return in ss the lane's sum of the squared float64 results before their RN_f32 (qk_norm).
+template <int W, bool SS>
+__device__ __forceinline__ void rotate8(float (&y)[8], const uint4& u, int e0, bool interleaved, bool xpos,
+                                        const double* cs, const double* sn, const double* z, double& ss) {
   constexpr int D = 8 * W, H = D / 2;
+  double s0 = 0.0, s1 = 0.0;   // two chains: the float64 sum order is free (SPEC §4.5)
   if (interleaved) {
+    double x[8];
+    inputs_f64(x, y);
     // Pairs e0/2 + k, k = 0..3, at tab_pos: [2l, 2l+1] and [H/2 + 2l, H/2 + 2l + 1] with l = e0/8.
     const int l2 = e0 / 4;
 #pragma unroll
@@ -138,13 +157,17 @@ __device__ __forceinline__ void rotate8(float (&y)[8], int e0, bool interleaved,
       for (int j = 0; j < 2; ++j) {
         const int k = 2 * h + j;
         const double c = j ? c2.y : c2.x, s = j ? s2.y : s2.x;
-        const double xi = (double)y[2 * k], xj = (double)y[2 * k + 1];
+        const double xi = x[2 * k], xj = x[2 * k + 1];
         double yi = __dsub_rn(__dmul_rn(xi, c), __dmul_rn(xj, s));
         double yj = __dadd_rn(__dmul_rn(xj, c), __dmul_rn(xi, s));
         if (xpos) {
           const double zp = z[o + j];
           yi = __dmul_rn(yi, zp);
           yj = __dmul_rn(yj, zp);
+        }
+        if (SS) {
+          s0 = __fma_rn(yi, yi, s0);   // RN(yi^2 + s0): one rounding, as an add of the squares
+          s1 = __fma_rn(yj, yj, s1);
         }
         y[2 * k] = __double2float_rn(yi);
         y[2 * k + 1] = __double2float_rn(yj);
@@ -153,20 +176,32 @@ __device__ __forceinline__ void rotate8(float (&y)[8], int e0, bool interleaved,
   } else {
     // Pair (p, p + D/2): the partner element sits in lane ^ W/2 at the same offset.
     const u32 m = team_mask<W>();
-    float o[8];
-#pragma unroll
-    for (int k = 0; k < 8; ++k) o[k] = __shfl_xor_sync(m, y[k], W / 2);
+    uint4 ou;
+    ou.x = __shfl_xor_sync(m, u.x, W / 2);
+    ou.y = __shfl_xor_sync(m, u.y, W / 2);
+    ou.z = __shfl_xor_sync(m, u.z, W / 2);
+    ou.w = __shfl_xor_sync(m, u.w, W / 2);
+    float of[8];
+    unpack_bf16x8(ou, of);
+    double x[8], xo[8];
+    inputs_f64(x, y);
+    inputs_f64(xo, of);
     const bool first = e0 < H;
 #pragma unroll
     for (int k = 0; k < 8; ++k) {
       const int p = (e0 % H) + k;
       const double c = cs[p], s = sn[p];
-      const double xa = __dmul_rn((double)y[k], c), xb = __dmul_rn((double)o[k], s);
+      const double xa = __dmul_rn(x[k], c), xb = __dmul_rn(xo[k], s);
       double v = first ? __dsub_rn(xa, xb) : __dadd_rn(xa, xb);
       if (xpos) v = __dmul_rn(v, z[p]);
+      if (SS) {
+        if (k & 1) s1 = __fma_rn(v, v, s1);
+        else s0 = __fma_rn(v, v, s0);
+      }
       y[k] = __double2float_rn(v);
     }
   }
+  if (SS) ss = __dadd_rn(s0, s1);
 }
 
 // Sum over the team in float64; every lane ends with the same value.
@@ -177,24 +212,37 @@ template <int W> __device__ __forceinline__ double team_sum_f64(double v) {
   return v;
 }
 
-// qk_norm (SPEC §4.5): ms = RN_f32(sum y^2 / D), r = RN(1 / RN(sqrt(RN(ms + eps)))). The squares
-// (exact in float64) are summed in float64 like the reference, so ms is almost always the same fp32
-// value as the reference's (the spec allows any fp32 summation; this one keeps code flips rare). On
-// the H100 this is cheaper than an exact fp32 pair sum (TwoSum): the kernel is issue-bound, and the
-// pair costs ~10 fp32 instructions per element against one conversion and one DFMA.
+// qk_norm (SPEC §4.5) of the lane's 8 values given the lane's float64 sum of squares ss:
+// ms = RN_f32(sum y^2 / D), r = RN(1 / RN(sqrt(RN(ms + eps)))), y = RN(y * r).
 template <int W>
-__device__ __forceinline__ void qk_norm8(float (&y)[8], float eps) {
-  double ss = 0.0;
-#pragma unroll
-  for (int k = 0; k < 8; ++k) {
-    const double v = (double)y[k];
-    ss = __fma_rn(v, v, ss);   // v*v is exact in float64, so this is RN(RN(v*v) + ss): no contraction
-  }
+__device__ __forceinline__ void qk_norm8_ss(float (&y)[8], double ss, float eps) {
   ss = team_sum_f64<W>(ss);
   const float ms = __double2float_rn(__dmul_rn(ss, 1.0 / (8 * W)));   // D is a power of two: exact
   const float r = __frcp_rn(__fsqrt_rn(__fadd_rn(ms, eps)));
 #pragma unroll
   for (int k = 0; k < 8; ++k) y[k] = __fmul_rn(y[k], r);
+}
+
+// qk_norm without a position encoding: the squares of the fp32 values (exact in float64) are summed
+// in float64 like the reference, so ms is almost always the reference's fp32 value (the spec allows
+// any fp32 summation; this one keeps code flips rare; an exact fp32 TwoSum costs more instructions
+// on the H100). After RoPE / xPos the kernel sums the squares of the float64 results before their
+// RN_f32 instead (rotate8<W, true>): that sum is within 2^-23 (relative) of the reference's, so ms
+// moves by one ulp in a few percent of the rows and r in about half of those, and each then moves an
+// element's bf16 value or code only where it lies within an fp32 ulp of a rounding boundary (about
+// 1e-6 of the values; the budget is 1e-4: on the H100, 3-4 of 4.2M xq_out values and 1 of 8192 K
+// qparam words moved for 1024 tokens of 48 heads). It saves one float64 conversion per element,
+// which runs at a quarter of the float64 FMA rate on sm_90 (fp8 + qk_norm: 75.3% -> 77.9% of copy).
+template <int W>
+__device__ __forceinline__ void qk_norm8(float (&y)[8], float eps) {
+  double s0 = 0.0, s1 = 0.0;
+#pragma unroll
+  for (int k = 0; k < 8; k += 2) {
+    const double a = (double)y[k], b = (double)y[k + 1];
+    s0 = __fma_rn(a, a, s0);   // a*a is exact in float64, so this is RN(RN(a*a) + s0): no contraction
+    s1 = __fma_rn(b, b, s1);
+  }
+  qk_norm8_ss<W>(y, __dadd_rn(s0, s1), eps);
 }
 
 // amax[col] = max(amax[col], max_d |y_d|) as an integer max on the float bits (SPEC §5.3, §11.4):
@@ -280,18 +328,30 @@ __global__ void __launch_bounds__(CW_BLOCK, CW_MINB) write_kv(
   const int nt = mode == 2 ? 4 : 2;           // tables per token
 
   auto token = [&](int k) -> int { return (int)blockIdx.x + k * gx; };
+  // Row addresses are integer work on every row of every token: with CW_OFF32 the offsets are int32
+  // (one IMAD each) instead of int64 products.
+  const bool off32 = flags & CW_OFF32;
   auto row_ptr = [&](int tok, int r) -> const u16* {
+    if (off32) {
+      if (r < n_h) return xq + (tok * (int)xq_t + r * (int)xq_h);
+      if (r < n_h + n_kvh) return xk + (tok * (int)xk_t + (r - n_h) * (int)xk_h);
+      return xv + (tok * (int)xv_t + (r - n_h - n_kvh) * (int)xv_h);
+    }
     if (r < n_h) return xq + (i64)tok * xq_t + (i64)r * xq_h;
     if (r < n_h + n_kvh) return xk + (i64)tok * xk_t + (i64)(r - n_h) * xk_h;
     return xv + (i64)tok * xv_t + (i64)(r - n_h - n_kvh) * xv_h;
   };
-  // Ring slot of the team's k-th row in stage st, for this thread.
-  auto slot_of = [&](int st, int k) -> uint4* { return s_ring + ((i64)st * npf + k) * blockDim.x + threadIdx.x; };
+  // The thread's ring entry for row j of stage st: ring_sa + (st * npf + j) * ring_row as a 32-bit
+  // shared address (the ring holds at most _RING_MAX / 16 entries: int indices).
+  const u32 ring_sa = (u32)__cvta_generic_to_shared(s_ring) + threadIdx.x * 16u;
+  const u32 ring_row = blockDim.x * 16u;
   auto issue = [&](int k, int st) {
     if (k < K) {
-      for (int j = 0; j < npf; ++j) {
+      const int tok = token(k);
+      u32 sa = ring_sa + (u32)(st * npf) * ring_row;
+      for (int j = 0; j < npf; ++j, sa += ring_row) {
         const int r = r0 + j * rstep;
-        if (r < rows) cp_async16(slot_of(st, j), row_ptr(token(k), r) + e0);
+        if (r < rows) cp_async16_sa(sa, row_ptr(tok, r) + e0);
       }
     }
     cp_async_commit();
@@ -343,26 +403,38 @@ __global__ void __launch_bounds__(CW_BLOCK, CW_MINB) write_kv(
       const int fl = s_fl[tt];
       if (!(fl & 1)) {
         const float zero[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-        for (int r = r0; r < n_h; r += rstep) store_bf16x8_rt(out + ((i64)i * n_h + r) * D + e0, zero, vin);
+        for (int r = r0; r < n_h; r += rstep)
+          store_bf16x8_rt(out + (off32 ? (i64)((i * n_h + r) * D) : ((i64)i * n_h + r) * D) + e0, zero, vin);
         continue;
       }
       const i64 slot = s_slot[tt];
       const int b = s_b[tt];
       const bool precomputed = fl & 2;
       const double* tab = s_tab + tt * nt * H;
-      for (int j = 0;; ++j) {
+      const uint4* ring = s_ring + st * npf * (int)blockDim.x + (int)threadIdx.x;   // this thread's row 0
+      for (int j = 0;; ++j, ring += blockDim.x) {
         const int r = r0 + j * rstep;
         if (r >= rows) break;
-        const uint4 u = async ? *slot_of(st, j) : load_raw8(row_ptr(i, r) + e0, vin);
+        const uint4 u = async ? *ring : load_raw8(row_ptr(i, r) + e0, vin);
         float y[1][8];
         unpack_bf16x8(u, y[0]);
         const int kind = r < n_h ? 0 : (r < n_h + n_kvh ? 1 : 2);
         if (kind != 2) {
-          if (mode) rotate8<W>(y[0], e0, inter, mode == 2, tab, tab + H, tab + (kind == 0 ? 2 : 3) * H);
-          if (norm) qk_norm8<W>(y[0], eps);
+          const double* zt = tab + (kind == 0 ? 2 : 3) * H;
+          double ss = 0.0;
+#if CW_SS_UNROUNDED
+          if (mode && norm) {
+            rotate8<W, true>(y[0], u, e0, inter, mode == 2, tab, tab + H, zt, ss);
+            qk_norm8_ss<W>(y[0], ss, eps);
+          } else
+#endif
+          {
+            if (mode) rotate8<W, false>(y[0], u, e0, inter, mode == 2, tab, tab + H, zt, ss);
+            if (norm) qk_norm8<W>(y[0], eps);
+          }
         }
         if (kind == 0) {
-          store_out8(out + ((i64)i * n_h + r) * D + e0, y[0], vin);
+          store_out8(out + (off32 ? (i64)((i * n_h + r) * D) : ((i64)i * n_h + r) * D) + e0, y[0], vin);
           if (flags & CW_Q_BACK) store_bf16x8_rt(xq + (i64)i * xq_t + (i64)r * xq_h + e0, y[0], vin);
           if (FMT == FMT_FP8_HEAD && amax) amax_row<W>(amax + (i64)b * amax_cols + r, y[0], lane);
           continue;
