@@ -183,6 +183,38 @@ def test_kernel_matches_reference(gpu, rng, fmt, dtype, D):
         assert_bytes_equal(back, back_want, what=f"dequantize {fmt} D={D} n={n}")
 
 
+def signed_zero_rows(rng, n, D):
+    """Rows of positive values whose minimum is zero, met as +0 and -0 in random places and orders."""
+    x = np.abs(activations(rng, (n, D))).astype(F32) + F32(0.5)
+    for i in range(n):
+        idx = rng.choice(D, size=4, replace=False)
+        x[i, idx] = np.array([0.0, -0.0, -0.0, 0.0] if i % 2 else [-0.0, 0.0, 0.0, -0.0], F32)
+    return x.astype(BF16)
+
+
+@pytest.mark.parametrize("G", [1, 2, 4, 8])
+def test_reference_int4_zero_minimum_is_plus_zero(rng, G):
+    """A group minimum met as both +0 and -0 is stored as +0, whatever the order (SPEC §2.5 leaves the
+    sign of a zero minimum open; cukv fixes it so that bytes do not depend on the reduction order)."""
+    x = signed_zero_rows(rng, 16, 64)
+    rows = cukv.quantize(x, f"int4:g{G}")
+    _, shift = cukv.unpack_qparams(rows[:, : 4 * G].copy().view("<i4"))
+    zero = x.astype(F32).reshape(16, G, -1).min(-1) == 0
+    assert zero.any()
+    assert not np.signbit(shift[zero]).any()
+
+
+@pytest.mark.parametrize("G", [1, 2, 4, 8])
+@pytest.mark.parametrize("D", [64, 128, 256])
+def test_kernel_int4_zero_minimum(gpu, rng, G, D):
+    """Kernels store a zero minimum as +0 like the reference (every int4 path: staged g1, lane-owned
+    groups, sub-team groups), bytes equal."""
+    x = signed_zero_rows(rng, 300, D)
+    want = cukv.quantize(x, f"int4:g{G}")
+    got = cukv.quantize(gpu.asarray(x), f"int4:g{G}")
+    assert_bytes_equal(got, want, what=f"int4:g{G} D={D} signed-zero minima")
+
+
 @pytest.mark.parametrize("D", [64, 128, 256])
 def test_kernel_int4_g1_staged_many_waves(gpu, rng, D):
     """int4:g1 rows written through shared memory (codec.cu quantize_int4_staged): with more rows than

@@ -195,8 +195,11 @@ __device__ __forceinline__ u32 int4_code1(float y, const Int4Group& g) {
   return dist < CUKV_INT4_TIE ? (__float_as_uint(t) & 0xfu) : int4_code64(d, int4_inv64(g.s));
 }
 
+// The group word: scale and shift halves. A zero minimum is stored as +0 (mn + 0: -0 -> +0), whatever
+// zero the min reduction met first, so the bytes do not depend on the reduction order (codes do not
+// depend on the sign: y - (+-0) rounds to the same code).
 __device__ __forceinline__ u32 int4_word(float s, float mn, u32 bad) {
-  return bad ? (CUKV_NAN_HALF | (CUKV_NAN_HALF << 16)) : pack_f16x2(s, mn);
+  return bad ? (CUKV_NAN_HALF | (CUKV_NAN_HALF << 16)) : pack_f16x2(s, __fadd_rn(mn, 0.0f));
 }
 
 // Fast path: every group is gs/8 = sw consecutive chunks held by an aligned sub-team of sw lanes

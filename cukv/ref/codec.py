@@ -142,7 +142,7 @@ def quantize_int4(y, G):
     q = np.where(finite[..., None], q, 0).astype(np.uint8).reshape(y.shape)
     packed = (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8)
     sb = np.where(finite, _f16_bits(s), NAN_HALF).astype(np.uint16)
-    zb = np.where(finite, _f16_bits(mn), NAN_HALF).astype(np.uint16)
+    zb = np.where(finite, _f16_bits(mn + F32(0.0)), NAN_HALF).astype(np.uint16)   # a zero minimum: +0
     words = (sb.astype(np.uint32) | (zb.astype(np.uint32) << 16)).view(np.int32)
     return np.concatenate([words_to_bytes(words).reshape(y.shape[:-1] + (4 * G,)), packed], axis=-1)
 
