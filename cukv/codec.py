@@ -158,8 +158,10 @@ def quantize(x, fmt, *, external_qparams=False, scale=None):
     Notes
     -----
     Bit-exact with :func:`cukv.ref.codec.quantize` (SPEC §2.3-§2.5). A row (fp8) or group (int4) with a
-    non-finite value encodes as NaN qparams (SPEC §11.4). The GPU path handles rows of up to 8192
-    elements; longer rows raise ``ValueError`` (the NumPy path has no limit).
+    non-finite value encodes as NaN qparams (SPEC §11.4). An int4 group whose minimum is zero stores
+    its shift as +0, also when the group holds -0 (the spec leaves that sign open; fixing it keeps the
+    bytes independent of reduction order; codes are the same either way). The GPU path handles rows of
+    up to 8192 elements; longer rows raise ``ValueError`` (the NumPy path has no limit).
     """
     op = "quantize"
     kind, _ = parse_format(fmt, op)
