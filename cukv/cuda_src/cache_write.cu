@@ -42,8 +42,12 @@
 #ifndef CW_BLOCK
 #define CW_BLOCK 256        // threads per block (cukv/cache_write.py launches with the same)
 #endif
+// __launch_bounds__ min blocks per SM (4 caps registers at 64). H100 sweep (scripts/bench_write.py rows,
+// qk_norm fixed at compile time through a probe macro): without qk_norm, 3 blocks gave 86.8-89.5% of
+// copy (85.4-85.9% at 4); with qk_norm, 4 blocks gave 77.2-83.1% (72.8-79.1% at 3, 62-67% at 2). A
+// template parameter for qk_norm with its own bound would take both; not done yet (unverified on GPU).
 #ifndef CW_MINB
-#define CW_MINB 4           // __launch_bounds__ min blocks per SM (caps registers at 64)
+#define CW_MINB 4
 #endif
 #define CW_MAX_HALF 128     // D/2 for D = 256
 #define CW_TAB 2048         // doubles of position tables per block (16 KiB): ch * D/2 * (2 or 4)
