@@ -282,13 +282,22 @@ def _torch_call(v, call: _Call):
     call.capturing = s != 0 and torch._C._cuda_isCurrentStreamCapturing()
 
 
+def _known_view(v):
+    """The ``_VIEWS`` entry of tensor ``v`` if it still describes ``v`` (a dictionary lookup and four
+    cheap checks), else None. An entry dies with its tensor (weakref callback): same id, same object."""
+    e = _VIEWS.get(id(v))
+    if e is not None and e[1] == v.data_ptr() and e[2] == v.shape and e[3] == v.stride() and e[4] is v.dtype:
+        return e
+    return None
+
+
 def _torch_cuda(v, call: _Call):
-    """CUDA tensor -> CuPy array: the hot path of a torch decode loop (a tensor seen before costs a
-    dictionary lookup and five identity checks)."""
+    """CUDA tensor -> CuPy array: the hot path of a torch decode loop (a tensor seen before costs
+    :func:`_known_view`)."""
     if call.stream is None:
         _torch_call(v, call)
-    e = _VIEWS.get(id(v))   # an entry dies with its tensor (weakref callback): same id, same object
-    if e is not None and e[1] == v.data_ptr() and e[2] == v.shape and e[3] == v.stride() and e[4] is v.dtype:
+    e = _known_view(v)
+    if e is not None:
         return e[5]
     dev = v.get_device()
     a = _torch_cuda_view(v, dev)
@@ -348,18 +357,23 @@ def _to_native(opname: str, argname: str, v, call: _Call):
     return a
 
 
+def _caller_object(r, call: _Call):
+    """The caller's own object that native array ``r`` stands for (a torch tensor's cached view, or an
+    input converted in this call), or None for an array the op made."""
+    e = _BACK.get(id(r))
+    if e is not None and e[0] is r:
+        return e[1]()
+    o = call.originals.get(id(r)) if call.originals else None
+    return o[1] if o is not None and o[0] is r else None
+
+
 def _from_native(r, call: _Call):
     """Convert one result back to the caller's kind (the caller's own object where it was passed)."""
     if call.kind == "torch" and type(r) is _NDARRAY and not call.allocs:   # the decode-loop hot path
-        e = _BACK.get(id(r))
-        if e is not None and e[0] is r:
-            return e[1]()
-        o = call.originals.get(id(r)) if call.originals else None
-        if o is not None and o[0] is r:
-            return o[1]
+        mine = _caller_object(r, call)
         # The op ran on torch's current stream, where torch uses the result: DLPack's stream=-1 (no
         # synchronization; an event record + wait per call otherwise, ~2 us on the H100 host)
-        return _FROM_DLPACK(r.__dlpack__(stream=-1))
+        return mine if mine is not None else _FROM_DLPACK(r.__dlpack__(stream=-1))
     if isinstance(r, tuple):
         return tuple(_from_native(x, call) for x in r)
     fp8 = isinstance(r, FP8Result)
@@ -367,12 +381,9 @@ def _from_native(r, call: _Call):
         r = r.array
     if not (isinstance(r, np.ndarray) or is_cupy(r)):
         return r
-    orig = call.originals.get(id(r))
-    if orig is not None and orig[0] is r:
-        return orig[1]
-    back = _BACK.get(id(r))
-    if back is not None and back[0] is r:
-        return back[1]()
+    mine = _caller_object(r, call)
+    if mine is not None:
+        return mine
     if call.kind == "torch":
         torch = _torch()
         if isinstance(r, np.ndarray):
@@ -386,7 +397,7 @@ def _from_native(r, call: _Call):
                 isz = r.itemsize
                 t = base.view(_np_torch(r.dtype)).as_strided(
                     r.shape, tuple(x // isz for x in r.strides), (r.data.ptr - r.data.mem.ptr) // isz)
-            else:   # the op ran on torch's stream, which is CuPy's current one here: no event
+            else:   # the op ran on torch's stream: no synchronization (see the hot path above)
                 t = torch._C._from_dlpack(r.__dlpack__(stream=-1))
         return t.view(torch.float8_e4m3fn) if fp8 else t
     if call.kind == "jax":
@@ -486,9 +497,8 @@ def op(opname: str, arrays: tuple[str, ...]):
                 if type(v) is _TENSOR:   # the torch decode-loop hot path: a tensor seen before
                     if call is None:
                         call = _Call()
-                    e = _VIEWS.get(id(v))   # an entry dies with its tensor: same id, same object
-                    if (e is not None and e[1] == v.data_ptr() and e[2] == v.shape and e[3] == v.stride()
-                            and e[4] is v.dtype):
+                    e = _known_view(v)
+                    if e is not None:
                         if call.stream is None:
                             _torch_call(v, call)
                         v = e[5]
