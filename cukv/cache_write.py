@@ -15,7 +15,7 @@ import threading
 import numpy as np
 
 from . import _backend, _checks, _compile
-from .codec import fmt_targs, sm_count
+from .codec import fmt_targs, resident_blocks, sm_count
 from .formats import parse_format
 from .ref import cache_write as ref
 from .rope import position_tables
@@ -53,15 +53,6 @@ def _device_tables(pos_enc, D: int, host):
                 t = tuple(None if a is None else cp.asarray(a) for a in host)
                 _TABLES[key] = t
     return t
-
-
-def _resident_blocks(kernel, smem_dyn: int) -> int:
-    """Blocks of ``_BLOCK`` threads one SM holds at once (registers, shared memory, threads)."""
-    regs = max(1, int(getattr(kernel, "num_regs", 64) or 64))
-    per_warp = -(-regs * 32 // 256) * 256
-    by_regs = 65536 // (per_warp * (_BLOCK // 32))
-    by_smem = (227 * 1024) // (_static_smem(kernel) + smem_dyn + 1024)
-    return max(1, min(2048 // _BLOCK, by_regs, by_smem))
 
 
 def _static_smem(kernel) -> int:
@@ -386,7 +377,7 @@ def _write(op, xq, xk, xv, cache_k, cache_v, lanes, pos, *, lane_arg, pos_arg, f
     _allow_dynamic_smem(k, smem)
     # one wave of resident blocks walks the tokens, in chunks of `ch` (position tables of a chunk fit
     # the kernel's 2048-double table)
-    gx = max(1, min(n, sm_count() * _resident_blocks(k, smem) // split))
+    gx = max(1, min(n, sm_count() * resident_blocks(k, _BLOCK, smem) // split))
     ch = 32 if not mode else max(1, min(32, 2048 // ((D // 2) * (4 if mode == 2 else 2))))
     i32, i64, f32 = _compile.i32, _compile.i64, _compile.f32
     _compile.launch(k, (gx, split), (_BLOCK,), shared_mem=smem, args=(

@@ -106,6 +106,12 @@ def resident_blocks(kernel, block: int, smem: int = 0) -> int:
     return max(1, min(2048 // block, 32, by_regs, by_smem))
 
 
+def _one_wave(kernel, threads: int) -> int:
+    """Blocks of ``_BLOCK`` threads for ``threads`` threads of work, at most one wave of resident
+    blocks (the kernels stride over the rest)."""
+    return min(-(-threads // _BLOCK), sm_count() * resident_blocks(kernel, _BLOCK))
+
+
 def fmt_targs(fmt: str) -> tuple[int, int]:
     """``(FMT code, G)`` template arguments of a format (G = 1 for non-INT4 formats)."""
     kind, g = parse_format(fmt)
@@ -193,23 +199,22 @@ def quantize(x, fmt, *, external_qparams=False, scale=None):
     words = xp.empty(lead, dtype=np.int32) if external_qparams else None
     srow = xp.ascontiguousarray(s_b.reshape(-1)) if s_b is not None else None
     gv = (G, D // (8 * G)) if kind == "int4" and D % (8 * G) == 0 else None
-    if gv in OWNED and _checks.aligned(x, 16) and _checks.aligned(out, 16):
-        k = _CODEC.kernel("quantize_int4_owned", IN_TYPES[x.dtype], *gv)
-        blocks = min(-(-n * G // _BLOCK), sm_count() * resident_blocks(k, _BLOCK))
-        _compile.launch(k, (blocks,), (_BLOCK,), (x, _compile.i64(n), out))
-        return out
-    if kind == "int4" and G == 1 and D in STAGED and _checks.aligned(x, 16) and _checks.aligned(out, 16):
-        k = _CODEC.kernel("quantize_int4_staged", IN_TYPES[x.dtype], *STAGED[D])
-        blocks = min(-(-n * STAGED[D][0] // _BLOCK), sm_count() * resident_blocks(k, _BLOCK))
-        _compile.launch(k, (blocks,), (_BLOCK,), (x, _compile.i64(n), out))
+    fast = None   # int4 kernels for 16-byte aligned x and out: (kernel, threads per row)
+    if kind == "int4" and _checks.aligned(x, 16) and _checks.aligned(out, 16):
+        if gv in OWNED:
+            fast = _CODEC.kernel("quantize_int4_owned", IN_TYPES[x.dtype], *gv), G
+        elif G == 1 and D in STAGED:
+            fast = _CODEC.kernel("quantize_int4_staged", IN_TYPES[x.dtype], *STAGED[D]), STAGED[D][0]
+    if fast is not None:
+        k, per_row = fast
+        _compile.launch(k, (_one_wave(k, n * per_row),), (_BLOCK,), (x, _compile.i64(n), out))
         return out
     k = _CODEC.kernel("quantize_rows", IN_TYPES[x.dtype], fcode, G, W, V, D == 8 * W * V and D in FIT_DIMS)
     vec = _checks.aligned(x, 16) and _checks.aligned(out, 16 if kind == "bf16" else 4)
     row_stride = out.itemsize * R   # bytes per output row
     rows_per_team = 1                          # CUKV_CODEC_ROWS(V) in codec.cu
     teams = -(-n // rows_per_team)
-    blocks = min(-(-teams * W // _BLOCK), sm_count() * resident_blocks(k, _BLOCK))   # one wave
-    _compile.launch(k, (blocks,), (_BLOCK,),
+    _compile.launch(k, (_one_wave(k, teams * W),), (_BLOCK,),
                     (x, _compile.i64(n), _compile.i32(D), out, _compile.i32(row_stride), words, srow,
                      _compile.i32(vec)))
     return _mark_codes((out, words) if external_qparams else out, kind, external_qparams)

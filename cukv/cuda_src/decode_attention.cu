@@ -85,15 +85,6 @@ __device__ __forceinline__ void cp_async(u32 dst, const void* src, bool skip) {
                  ::"r"(dst), "l"(src), "r"(z), "n"(W));
 }
 
-// A piece of w bytes (16 or 4; anything else: none); predicated, no branch.
-__device__ __forceinline__ void cp_async_piece(u32 dst, const void* src, int w, bool skip) {
-  const int z = skip;
-  asm volatile("{\n .reg .pred p, q;\n setp.eq.s32 p, %2, 16;\n setp.ne.b32 q, %3, 0;\n"
-               " @p cp.async.cg.shared.global [%0], [%1], 16, q;\n}\n" ::"r"(dst), "l"(src), "r"(w), "r"(z));
-  asm volatile("{\n .reg .pred p, q;\n setp.eq.s32 p, %2, 4;\n setp.ne.b32 q, %3, 0;\n"
-               " @p cp.async.ca.shared.global [%0], [%1], 4, q;\n}\n" ::"r"(dst), "l"(src), "r"(w), "r"(z));
-}
-
 __device__ __forceinline__ u32 hsub2(u32 a, u32 b) {
   u32 r;
   asm("sub.rn.f16x2 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(b));
