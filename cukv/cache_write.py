@@ -3,9 +3,9 @@
 One launch takes a step's Q/K/V projections, returns Q position-encoded (and normed), and stores K/V
 position-encoded, normed and quantized into a contiguous or paged cache of any format.
 
-Kernel: ``cuda_src/cache_write.cu`` (``write_kv<FMT, G, W>``: one block per token, a team of ``D/8``
-lanes per row; position encoding, qk_norm, Q-only mode, write-back, skips and paging are runtime
-flags). Reference: :mod:`cukv.ref.cache_write`.
+Kernel: ``cuda_src/cache_write.cu`` (``write_kv<FMT, G, W, NORM>``: one block per token, a team of
+``D/8`` lanes per row; qk_norm is a template parameter (its own register budget); position encoding,
+Q-only mode, write-back, skips and paging are runtime flags). Reference: :mod:`cukv.ref.cache_write`.
 """
 from __future__ import annotations
 
@@ -25,7 +25,8 @@ __all__ = ["write_kv_prefill", "write_kv_decode", "HEAD_DIMS"]
 HEAD_DIMS = (64, 128, 256)
 _FMT_G = [(0, 1), (1, 1), (2, 1), (3, 1), (3, 2), (3, 4), (3, 8)]
 _WRITE = _compile.Family("cache_write.cu", [
-    _compile.expression("write_kv", f, g, D // 8) for f, g in _FMT_G for D in HEAD_DIMS])
+    _compile.expression("write_kv", f, g, D // 8, norm)
+    for f, g in _FMT_G for D in HEAD_DIMS for norm in (False, True)])
 _BLOCK = 256               # CW_BLOCK of cache_write.cu
 _TARGET_BLOCKS = 2048      # split a token's rows over blocks until about this many blocks run
 _STAGES = 2                # tokens in flight per thread in the cp.async ring (= CW_STAGES of cache_write.cu)
@@ -373,7 +374,7 @@ def _write(op, xq, xk, xv, cache_k, cache_v, lanes, pos, *, lane_arg, pos_arg, f
         if stages * npf * _BLOCK * 16 <= _RING_MAX:
             flags |= _ASYNC
             smem = stages * npf * _BLOCK * 16
-    k = _WRITE.kernel("write_kv", fcode, G, W)
+    k = _WRITE.kernel("write_kv", fcode, G, W, bool(flags & _QK_NORM))
     _allow_dynamic_smem(k, smem)
     # one wave of resident blocks walks the tokens, in chunks of `ch` (position tables of a chunk fit
     # the kernel's 2048-double table)

@@ -1,6 +1,7 @@
 // cukv/cuda_src/cache_write.cu: fused KV-cache writes, cukv.write_kv_prefill / write_kv_decode (SPEC §4, §5).
 //
-// write_kv<FMT, G, W>: blocks walk the tokens (token i, i + gridDim.x, ...; the host sizes the grid to
+// write_kv<FMT, G, W, NORM>: NORM = qk_norm, a template parameter so that each variant gets its own
+// register budget (CW_MINB / CW_MINB_NORM). Blocks walk the tokens (token i, i + gridDim.x, ...; the host sizes the grid to
 // one wave of resident blocks) and blockIdx.y selects a slice of each token's rows. The rows of token i
 // are its Q heads, then its K heads, then its V heads (the amax column order), each handled by a team
 // of W = D/8 lanes holding 8 consecutive elements (common.cuh, V = 1). Per row:
@@ -42,12 +43,14 @@
 #ifndef CW_BLOCK
 #define CW_BLOCK 256        // threads per block (cukv/cache_write.py launches with the same)
 #endif
-// __launch_bounds__ min blocks per SM (4 caps registers at 64). H100 sweep (scripts/bench_write.py rows,
-// qk_norm fixed at compile time through a probe macro): without qk_norm, 3 blocks gave 86.8-89.5% of
-// copy (85.4-85.9% at 4); with qk_norm, 4 blocks gave 77.2-83.1% (72.8-79.1% at 3, 62-67% at 2). A
-// template parameter for qk_norm with its own bound would take both; not done yet (unverified on GPU).
+// __launch_bounds__ min blocks per SM, per instantiation (H100 sweep, scripts/bench_write.py rows):
+// without qk_norm 3 (<= 80 registers: 86.8-89.5% of copy, against 85.4-85.9% at 4); with qk_norm 4
+// (<= 64 registers: 77-83%, against 72.8-79.1% at 3).
 #ifndef CW_MINB
-#define CW_MINB 4
+#define CW_MINB 3
+#endif
+#ifndef CW_MINB_NORM
+#define CW_MINB_NORM 4
 #endif
 #define CW_MAX_HALF 128     // D/2 for D = 256
 #define CW_TAB 2048         // doubles of position tables per block (16 KiB): ch * D/2 * (2 or 4)
@@ -292,8 +295,8 @@ __device__ __forceinline__ CwToken cw_token(int i, i64 vt, const int* lanes, con
   return t;
 }
 
-template <int FMT, int G, int W>
-__global__ void __launch_bounds__(CW_BLOCK, CW_MINB) write_kv(
+template <int FMT, int G, int W, bool NORM>
+__global__ void __launch_bounds__(CW_BLOCK, NORM ? CW_MINB_NORM : CW_MINB) write_kv(
     u16* __restrict__ xq, i64 xq_t, i64 xq_h,
     u16* __restrict__ xk, i64 xk_t, i64 xk_h,
     const u16* __restrict__ xv, i64 xv_t, i64 xv_h,
@@ -325,7 +328,7 @@ __global__ void __launch_bounds__(CW_BLOCK, CW_MINB) write_kv(
   const int e0 = lane * 8;
   const bool q_only = xk == nullptr;
   const bool vin = flags & CW_VEC_IN, vcache = flags & CW_VEC_CACHE, async = flags & CW_ASYNC;
-  const bool inter = flags & CW_INTERLEAVED, norm = flags & CW_QK_NORM;
+  const bool inter = flags & CW_INTERLEAVED, norm = NORM;   // compile time: the norm-free kernel carries none of its registers
   const int rows = q_only ? n_h : n_h + 2 * n_kvh;
   const int r0 = blockIdx.y * teams + team;
   const int rstep = gridDim.y * teams;
