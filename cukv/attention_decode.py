@@ -120,19 +120,72 @@ def prepare(op, q, cache_k, cache_v, seqlens, *, fmt, qparam_k, qparam_v, block_
 
 
 # ------------------------------------------------------------------------------------ GPU launch
-_DEVICE_INFO: dict[int, tuple[int, int, int]] = {}
+_DEVICE_INFO: dict[int, tuple[int, int, int, int]] = {}
 
 
-def _device_info(cp) -> tuple[int, int, int]:
-    """(SM count, shared memory per SM, max opt-in shared memory per block) of the current device."""
+def _device_info(cp) -> tuple[int, int, int, int]:
+    """(SM count, shared memory per SM, max opt-in shared memory per block, compute capability as
+    major * 10 + minor) of the current device."""
     dev = cp.cuda.Device()
     info = _DEVICE_INFO.get(dev.id)
     if info is None:
         a = dev.attributes
         info = (int(a["MultiProcessorCount"]), int(a["MaxSharedMemoryPerMultiprocessor"]),
-                int(a["MaxSharedMemoryPerBlockOptin"]))
+                int(a["MaxSharedMemoryPerBlockOptin"]), int(dev.compute_capability))
         _DEVICE_INFO[dev.id] = info
     return info
+
+
+# ------------------------------------------------------------------------------------ tensor maps
+_TMAP = np.dtype([("w", np.uint64, 16)])     # a CUtensorMap (128 bytes), passed to the kernel by value
+_NO_TMAP = np.zeros((), _TMAP)[()]
+_TMAPS: dict = {}
+_ENCODE = []
+
+
+def _encode_tiled():
+    """``cuTensorMapEncodeTiled`` of the CUDA driver (ctypes), or None where it cannot be loaded."""
+    if not _ENCODE:
+        fn = None
+        try:
+            import ctypes  # noqa: PLC0415
+
+            lib = ctypes.CDLL("libcuda.so.1")
+            fn = lib.cuTensorMapEncodeTiled
+            u32p, u64p = ctypes.POINTER(ctypes.c_uint32), ctypes.POINTER(ctypes.c_uint64)
+            fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_uint32, ctypes.c_void_p, u64p, u64p, u32p,
+                           u32p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int]
+            fn.restype = ctypes.c_int
+        except (OSError, AttributeError):
+            fn = None
+        _ENCODE.append(fn)
+    return _ENCODE[0]
+
+
+def _tensor_map(ptr: int, rec: int, T: int, B: int, box_w: int):
+    """The tensor map of a cache ``[B, T, rec bytes]`` (uint8, C-contiguous) with boxes of 16 rows x
+    ``box_w`` bytes, or None if the driver refuses it. Cached by its arguments."""
+    key = (ptr, rec, T, B, box_w)
+    m = _TMAPS.get(key)
+    if m is None:
+        import ctypes  # noqa: PLC0415
+
+        fn = _encode_tiled()
+        if fn is None:
+            return None
+        out = np.zeros((), _TMAP)
+        dims = (ctypes.c_uint64 * 3)(rec, T, B)
+        strides = (ctypes.c_uint64 * 2)(rec, rec * T)
+        box = (ctypes.c_uint32 * 3)(box_w, 16, 1)
+        es = (ctypes.c_uint32 * 3)(1, 1, 1)
+        # uint8, rank 3, no interleave, no swizzle, L2 promotion 256 B, OOB -> zeros
+        rc = fn(out.ctypes.data, 0, 3, ctypes.c_void_p(ptr), dims, strides, box, es, 0, 0, 3, 0)
+        if rc != 0:
+            return None
+        if len(_TMAPS) > 256:
+            _TMAPS.clear()
+        m = _TMAPS[key] = out[()]
+    return m
 
 
 def auto_splits(base_ctas: int, capacity: int, n_sm: int, ctas_per_sm: int, *, dequant: int = 0) -> int:
@@ -222,7 +275,7 @@ def config(p: Plan, num_splits: int | None = None) -> Config:
     n_hg = max(1, -(-r // 16))
     item = 2 if g.kind == "bf16" else 1
     pad, hdr, sK, sV, stage_bytes, warp_bytes, _ = _layout(g.kind, g.groups, p.D, g.R * item, g.external)
-    n_sm, smem_sm, smem_optin = _device_info(cp)
+    n_sm, smem_sm, smem_optin, _ = _device_info(cp)
     limit = min(_TUNE.get("smem_target", _SMEM_TARGET), smem_optin)
     nw = next((w for w in (4, 2, 1) if _smem(p.D, w, warp_bytes) <= limit), 1)
     nw = min(nw, _TUNE.get("nw", 4))
@@ -294,6 +347,28 @@ def run(p: Plan, *, partials: bool = False, dots: bool = False, num_splits: int 
     # fast copy: every row of a head sits at the same address mod 16 (and bf16 rows are 16-aligned)
     fast = (all(v % 16 == 0 for v in outer) and all(v % 4 == 0 for v in (R_bytes, cs2, pk, pv))
             and (kind != "bf16" or all(v % 16 == 0 for v in (cs2, pk, pv))))
+    # Hopper tensor copies (fast = 3): contiguous quantized caches whose token records are
+    # 16-byte aligned; rows then sit at the start of ceil16(R)-byte slots (the K words of an odd number
+    # of 16-byte lines stay conflict-free)
+    tk = tv = _NO_TMAP
+    pad, sK, sV, stage_bytes, warp_bytes, smem = cfg.pad, cfg.sK, cfg.sV, cfg.stage_bytes, cfg.warp_bytes, cfg.smem
+    # box: from the 16-byte boundary at or before any head's row to past its end, an odd number of
+    # 16-byte lines (conflict-free K word reads, see _layout)
+    lines = max(-(-((h * R_bytes) % 16 + R_bytes) // 16) for h in range(min(nkv, 4)))
+    box_w = 16 * (lines + 1 - lines % 2)
+    if (fast and kind != "bf16" and fp8_mode != 1 and not g.paged and box_w <= 256
+            and _TUNE.get("tma", True) and _device_info(cp)[3] >= 90
+            and all(a.flags.c_contiguous and a.data.ptr % 16 == 0 for a in (ck, cv)) and cs1 % 16 == 0):
+        T = int(ck.shape[1])
+        mk = _tensor_map(pk, cs1, T, B, box_w)
+        mv = _tensor_map(pv, cs1, T, B, box_w) if mk is not None else None
+        if mv is not None:
+            tk, tv, fast = mk, mv, 3
+            stages = _STAGES[_KIND[kind]]
+            sK, sV = box_w, box_w
+            stage_bytes = 32 * box_w + 128
+            warp_bytes = -(-(stages * stage_bytes + 256 + 16 + 32) // 128) * 128
+            smem = -(-32 * D // 128) * 128 + max(cfg.nw * warp_bytes, cfg.nw * 16 * D * 4 + cfg.nw * 16 * 12)
     use_parts = partials or S > 1
     # split-major grids put the splits of one head next to each other; head-major (the default when
     # there are splits) schedules the KV heads of one key range together, which reads the cache rows
@@ -310,11 +385,11 @@ def run(p: Plan, *, partials: bool = False, dots: bool = False, num_splits: int 
     args = (q, ck, cv, qpk, qpv, bt, i32(max_pages), i32(g.page_size), i32(g.n_pages), seq,
             i32(NH), i32(nkv), i32(g.capacity), i64(cs0), i64(cs1), i64(cs2), i64(ws[0]), i64(ws[1]),
             i64(ws[2]), i32(R_bytes), i32(fp8_mode), i32(gshift), f32(p.scale * math.log2(math.e)),
-            i32(S), i32(copy_w), i32(fast), i32(cfg.pad), i32(cfg.hdr), i32(cfg.sK), i32(cfg.sV),
-            i32(cfg.stage_bytes), i32(cfg.warp_bytes), i32(hm), out, lse, pa, pm, dt,
-            i32(g.capacity if dots else 0))
+            i32(S), i32(copy_w), i32(fast), i32(pad), i32(cfg.hdr), i32(sK), i32(sV),
+            i32(stage_bytes), i32(warp_bytes), i32(hm), out, lse, pa, pm, dt,
+            i32(g.capacity if dots else 0), tk, tv)
     grid = (nkv * cfg.n_hg, S, B) if hm else (S, nkv * cfg.n_hg, B)
-    _compile.launch(cfg.kernel, grid, (32 * cfg.nw,), args, shared_mem=cfg.smem)
+    _compile.launch(cfg.kernel, grid, (32 * cfg.nw,), args, shared_mem=smem)
     if use_parts:
         merge = _FAMILY.kernel("decode_attn_merge")
         _compile.launch(merge, (B * NH,), (128,), (pa, pm, i32(NH), i32(S), i32(D), out, lse))

@@ -185,6 +185,34 @@ def test_unaligned_rows_fast_copy(gpu, rng, fmt, D, paged):
     check_attention(out, lse, O64, lse64, f"{fmt} D={D} paged={paged}")
 
 
+@pytest.mark.parametrize("fmt,D,n_kv", [("fp8", 128, 8), ("fp8", 64, 4), ("fp8_head", 128, 2), ("int4:g4", 128, 8),
+                                        ("int4:g1", 64, 4), ("int4:g8", 256, 1)])
+def test_tensor_copy_matches_cp_async(gpu, rng, fmt, D, n_kv):
+    """On sm_90 contiguous quantized caches are loaded with TMA boxes (rows at every 4-byte offset of
+    their 16-byte line, boxes past the record end zero-filled, ragged last blocks); the cp.async copy
+    must give the very same bytes, for several split counts."""
+    import cupy as cp  # noqa: PLC0415
+
+    from cukv import attention_decode as ad  # noqa: PLC0415
+
+    if ad._device_info(cp)[3] < 90:
+        pytest.skip("TMA copies need sm_90")
+    c = Case(rng, fmt, D, 2 * n_kv, (0, 1, 17, 700, 2053), n_kv=n_kv)
+    try:
+        for S in (None, 1, 3):
+            res = []
+            for tma in (True, False):
+                ad._TUNE["tma"] = tma
+                res.append(cukv.decode_attention(*c.args(gpu), return_lse=True, num_splits=S, **c.kw(gpu)))
+            (o1, l1), (o2, l2) = res
+            assert (o1.view(cp.uint16) == o2.view(cp.uint16)).all(), (fmt, S)
+            assert cp.array_equal(l1, l2, equal_nan=True), (fmt, S)
+    finally:
+        ad._TUNE.pop("tma", None)
+    O64, lse64 = c.exact()
+    check_attention(o1, l1, O64, lse64, f"{fmt} D={D} tma")
+
+
 @pytest.mark.parametrize("fmt", ["bf16", "int4:g8"])
 def test_more_than_16_heads_per_kv_head(gpu, rng, fmt):
     """MQA with 32 query heads: two head groups of 16 read the single KV head."""

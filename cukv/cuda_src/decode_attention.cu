@@ -22,8 +22,14 @@
 // the row lands at its address mod 16 in its slot; whole blocks of contiguous caches walk per-lane row
 // pointers (no per-row offsets through shared memory). Generic copy: uniform 16/8/4-byte pieces (or
 // bytes) chosen by the host from the strides and base addresses. Rows that must not be read (past the
-// split, or behind an out-of-range page id) are zero-filled, never loaded, and masked to -inf. Shared
-// memory does not depend on the sequence length. Per block:
+// split, or behind an out-of-range page id) are zero-filled, never loaded, and masked to -inf.
+// Tensor copy (`fast` = 3, sm_90, contiguous quantized caches with 16-byte-aligned token records): lane
+// 0 loads the block's K and V as two TMA boxes (16 rows from the 16-byte boundary at or before the row),
+// completion counted on an mbarrier per stage; rows past the split are loaded (in bounds, or zero-filled
+// by the TMA past the cache end), masked to -inf, and their V rows zeroed in shared memory on arrival.
+// On the H100 this is 4-10% faster than the cp.async copy (an ncu-free probe of the copy alone, with
+// the arithmetic compiled out, ran the cp.async copy at 71-77% of copy bandwidth). Shared memory does
+// not depend on the sequence length. Per block:
 //   S^T[t, h] = K Q^T with mma.m16n8k16 (A = K: 16 key rows; B = Q^T: n-tiles of 8 heads, so with
 //     4 heads per KV head half of each tile is used, not a quarter). The reduction index (d) may be
 //     permuted freely as long as A and B agree, so every thread decodes a few 8-element chunks of its
@@ -139,6 +145,34 @@ __device__ __forceinline__ u32 and_or(u32 a, u32 b, u32 c) {
   return r;
 }
 
+// Hopper tensor copies (sm_90+, `fast` = 3): one lane loads a whole 16-key block of one head (a box of
+// 16 rows of the [B, T, record bytes] cache view, from the 16-byte boundary at or before the row to
+// past its end: the TMA engine needs 16-byte-aligned box starts) into shared memory, and its
+// completion is counted in bytes on an mbarrier per pipeline stage.
+struct __align__(64) Tmap { u64 w[16]; };   // a CUtensorMap, encoded on the host
+#if __CUDA_ARCH__ >= 900
+#define CUKV_DA_TMA 1
+__device__ __forceinline__ void mbar_init(u32 bar) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(bar) : "memory");
+}
+__device__ __forceinline__ void mbar_inval(u32 bar) {
+  asm volatile("mbarrier.inval.shared::cta.b64 [%0];" ::"r"(bar) : "memory");
+}
+__device__ __forceinline__ void mbar_expect_tx(u32 bar, u32 bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(u32 bar, u32 parity) {
+  asm volatile("{\n .reg .pred p;\n WAIT_%=:\n mbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n"
+               " @!p bra WAIT_%=;\n}\n" ::"r"(bar), "r"(parity) : "memory");
+}
+__device__ __forceinline__ void tma_load_3d(u32 dst, const Tmap* map, int c0, int c1, int c2, u32 bar) {
+  asm volatile("cp.async.bulk.tensor.3d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4}], [%5];"
+               ::"r"(dst), "l"(reinterpret_cast<u64>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(bar) : "memory");
+}
+#else
+#define CUKV_DA_TMA 0
+#endif
+
 // ------------------------------------------------------------------------------------ formats
 template <int KIND, int D> struct Geo {
   static constexpr int CB = KIND == KIND_BF16 ? 16 : (KIND == KIND_FP8 ? 8 : 4);  // bytes of 8 elements
@@ -251,7 +285,8 @@ __global__ void __launch_bounds__(128, D * NT > 128 ? 1 : KIND == KIND_INT4 ? CU
     int capacity, i64 cs0, i64 cs1, i64 cs2, i64 ws0, i64 ws1, i64 ws2, int R, int fp8_mode, int gshift,
     float scale_log2, int num_splits, int copy_w, int fast, int pad, int hdr, int sK, int sV, int stage_bytes,
     int warp_bytes, int head_major, u16* __restrict__ out, float* __restrict__ lse, float* __restrict__ part_a,
-    float* __restrict__ part_ml, float* __restrict__ dots, int dots_cap) {
+    float* __restrict__ part_ml, float* __restrict__ dots, int dots_cap, const __grid_constant__ Tmap tmk,
+    const __grid_constant__ Tmap tmv) {
   typedef Geo<KIND, D> G_;
   constexpr int KS = G_::KS, STAGES = G_::STAGES;
   constexpr bool FOLD = KIND == KIND_FP8;   // V scale/shift folded into P / a per-head fp32 sum
@@ -306,6 +341,16 @@ __global__ void __launch_bounds__(128, D * NT > 128 ? 1 : KIND == KIND_INT4 ? CU
   u8* wbase = smem + KS * 32 * 16 + warp * warp_bytes;
   i64* offs = reinterpret_cast<i64*>(wbase + STAGES * stage_bytes);   // [16] row bytes, [16] words
   u32* masks = reinterpret_cast<u32*>(offs + 32);                      // [STAGES]
+  // tensor copies (fast == 3): one mbarrier per stage after the masks, and a phase bit per stage
+  const u32 bar_s = smem_s + (u32)(reinterpret_cast<u8*>(masks) - smem) + 16;
+  u32 phase = 0;
+#if CUKV_DA_TMA
+  if (fast == 3 && lane == 0) {
+#pragma unroll
+    for (int s = 0; s < STAGES; ++s) mbar_init(bar_s + 8 * s);
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+  }
+#endif
   const int nblk = (end - start + 15) >> 4;
   const int my_n = nblk > warp ? (nblk - warp + nw - 1) / nw : 0;
   // Row placement in its slot: the generic copy puts a row at `pad` (payload 16-aligned); the fast copy
@@ -341,6 +386,23 @@ __global__ void __launch_bounds__(128, D * NT > 128 ? 1 : KIND == KIND_INT4 ? CU
   auto issue = [&](int li, int s) {
     if (li < my_n) {
       const int t0 = start + (warp + li * nw) * 16;
+#if CUKV_DA_TMA
+      if (fast == 3) {   // two tensor copies (K box, V box) by lane 0; rows past `end` are fixed up on arrival
+        if (lane == 0) {
+          const int nk = end - t0;
+          const u32 bar = bar_s + 8 * s;
+          masks[s] = nk >= 16 ? 0xffffu : (1u << nk) - 1u;
+          mbar_expect_tx(bar, 16u * (u32)(sK + sV));
+          const u32 st_s = smem_s + (u32)(wbase + s * stage_bytes - smem);
+          // a box starts on a 16-byte boundary of the record: the row lands at pad (its address mod 16)
+          tma_load_3d(st_s, &tmk, kvh * R - pad_k, t0, b, bar);
+          tma_load_3d(st_s + 16 * sK, &tmv, kvh * R - pad_v, t0, b, bar);
+        }
+        cp_async_commit();
+        __syncwarp();
+        return;
+      }
+#endif
       bool ok = false;
       if (lane < 16) {
         const int t = t0 + lane;
@@ -469,8 +531,19 @@ __global__ void __launch_bounds__(128, D * NT > 128 ? 1 : KIND == KIND_INT4 ? CU
   for (int j = 0; j < my_n; ++j) {
     issue(j + STAGES - 1, (j + STAGES - 1) % STAGES);
     cp_async_wait<STAGES - 1>();
-    __syncwarp();
     const int s = j % STAGES;
+#if CUKV_DA_TMA
+    if (fast == 3) {
+      mbar_wait(bar_s + 8 * s, (phase >> s) & 1u);
+      phase ^= 1u << s;
+      const int nk = end - (start + (warp + j * nw) * 16);
+      if (nk < 16) {   // keys past the split were loaded (in bounds): zero their V rows (0 * NaN)
+        u8* sv = wbase + s * stage_bytes + 16 * sK + nk * sV;
+        for (int o = 16 * lane; o < (16 - nk) * sV; o += 512) *reinterpret_cast<uint4*>(sv + o) = make_uint4(0, 0, 0, 0);
+      }
+    }
+#endif
+    __syncwarp();
     const u8* st = wbase + s * stage_bytes;
     const u8* stK = st;
     const u8* stV = st + 16 * sK;
@@ -714,6 +787,14 @@ __global__ void __launch_bounds__(128, D * NT > 128 ? 1 : KIND == KIND_INT4 ? CU
     __syncwarp();
   }
   cp_async_wait<0>();
+#if CUKV_DA_TMA
+  if (fast == 3 && lane == 0) {   // every armed stage was waited for above; the memory is reused below
+#pragma unroll
+    for (int s = 0; s < STAGES; ++s) mbar_inval(bar_s + 8 * s);
+  }
+#endif
+  (void)phase;
+  (void)bar_s;
 
   // ---- merge the warps of this CTA (the combine area aliases the pipelines).
 #pragma unroll
