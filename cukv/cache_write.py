@@ -26,7 +26,7 @@ HEAD_DIMS = (64, 128, 256)
 _FMT_G = [(0, 1), (1, 1), (2, 1), (3, 1), (3, 2), (3, 4), (3, 8)]
 _WRITE = _compile.Family("cache_write.cu", [
     _compile.expression("write_kv", f, g, D // 8, norm)
-    for f, g in _FMT_G for D in HEAD_DIMS for norm in (False, True)])
+    for f, g in _FMT_G for D in HEAD_DIMS for norm in (False, True)] + ["cw_inv_sqrt_probe"])
 _BLOCK = 256               # CW_BLOCK of cache_write.cu
 _TARGET_BLOCKS = 2048      # split a token's rows over blocks until about this many blocks run
 _STAGES = 2                # tokens in flight per thread in the cp.async ring (= CW_STAGES of cache_write.cu)

@@ -303,6 +303,53 @@ def test_kernel_large_positions_and_outliers(gpu, rng):
         compare(got, want, case, pos_name=pe, what=pe)
 
 
+@pytest.mark.parametrize("fmt,D,n_h,n_kv,pe,norm", [
+    ("fp8", 128, 40, 8, "rope_l31", True), ("int4:g4", 64, 72, 8, "xpos_half", True),
+    ("fp8_head", 256, 20, 4, "nope", True), ("fp8_ext", 128, 40, 8, "xpos", True),
+    ("bf16", 128, 40, 8, "rope", False)])
+def test_kernel_many_rows_per_team(gpu, rng, fmt, D, n_h, n_kv, pe, norm):
+    """>= 2048 tokens: the launch gives each token one slice of blocks, so every team takes several
+    rows of each token through the cp.async ring (D 128: team t of 16 takes rows t, t+16, t+32, ...:
+    Q rows and a K or V row); the small cases above give each team at most one row per token."""
+    case = make_case(rng, fmt=fmt, D=D, n_h=n_h, n_kv=n_kv, lens=(700, 1400, 3), layout="16")
+    kw = dict(pos_enc=POS_ENCS[pe], qk_norm=norm, qk_norm_eps=1e-6 if norm else 0.0,
+              write_q_back=fmt == "fp8_head")
+    compare(run(case, gpu, **kw), run(case, np, **kw), case, pos_name=pe, norm=norm, what=f"{fmt}/D{D}")
+
+
+def test_kernel_inv_sqrt_fast_path(gpu):
+    """qk_norm's r = RN(1 / RN(sqrt(x))) (cache_write.cu inv_sqrt_rn: the compiler's fast sqrt.rn and
+    rcp.rn sequences behind one range test) equals __frcp_rn(__fsqrt_rn(x)) for every x >= 0, every
+    subnormal, Inf and NaN pattern included (2^31 bit patterns)."""
+    from cukv import _compile
+    from cukv.cache_write import _WRITE
+
+    bad = gpu.zeros(1, gpu.uint64)
+    _compile.launch(_WRITE.kernel("cw_inv_sqrt_probe"), (4096,), (256,),
+                    (np.uint32(0), np.uint32(1 << 31), bad))
+    assert int(bad.get()[0]) == 0
+
+
+@pytest.mark.parametrize("fmt,D", [("fp8", 128), ("int4:g4", 64), ("bf16", 256), ("int4:g2", 128)])
+def test_kernel_qk_norm_extreme_rows(gpu, rng, fmt, D):
+    """qk_norm rows whose ms + eps leaves inv_sqrt_rn's fast range [2^-101, FLT_MAX]: subnormal and
+    zero ms, ss overflowing to Inf (r = 0), an all-zero row (NaN with eps = 0), and rows at the edges
+    of the fast range; with and without RoPE, eps 0 and 1e-6. Norm budgets of SPEC §11.1."""
+    n_h, n_kv = 8, 2
+    case = make_case(rng, fmt=fmt, D=D, n_h=n_h, n_kv=n_kv, lens=(6, 5), layout="16")
+    # per-head scales: Q heads 0..7, K heads 8..9 (V rows are never normed but take the same scales)
+    scales = [2.0 ** -75, 2.0 ** -62, 2.0 ** -45, 2.0 ** 60, 2.0 ** 66, 2.0 ** 75, 0.0, 1.0,
+              2.0 ** -70, 2.0 ** 70, 2.0 ** -70, 1.0]
+    for h, s in enumerate(scales):
+        case.buf[:, h] = (case.buf[:, h].astype(np.float64) * s).astype(BF16)
+    case.buf[3, 9] = 0                        # one all-zero K row
+    for pe in ("nope", "rope"):
+        for eps in (0.0, 1e-6):
+            kw = dict(pos_enc=POS_ENCS[pe], qk_norm=True, qk_norm_eps=eps)
+            got, want = run(case, gpu, **kw), run(case, np, **kw)
+            compare(got, want, case, pos_name=pe, norm=True, what=f"{fmt}/{pe}/eps={eps}")
+
+
 # ------------------------------------------------------------------------------------ semantics (both modules)
 def logical(res, case, name="ck"):
     """Logical cache rows [B, capacity, N_KVH, R] (paged caches gathered through the block table)."""

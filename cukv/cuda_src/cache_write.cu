@@ -219,13 +219,55 @@ template <int W> __device__ __forceinline__ double team_sum_f64(double v) {
   return v;
 }
 
+#ifndef CW_FAST_RSQRT
+#define CW_FAST_RSQRT 1
+#endif
+// RN_f32(1 / RN_f32(sqrt(x))) for x >= 0 (or NaN). For x in [2^-101, FLT_MAX] this is the fast path
+// that the compiler itself emits for sqrt.rn.f32 (MUFU.RSQ, then one Newton step with the residual
+// x - s*s in an fma) followed by its fast path for rcp.rn.f32 (MUFU.RCP, one Newton step): both are
+// correctly rounded there (sqrt.rn takes it for exactly these x, rcp.rn for every normal input below
+// 2^126, and sqrt(x) lies in [2^-50.5, 2^64]). One range test replaces the two of
+// __frcp_rn(__fsqrt_rn(x)), which runs for the other x (0, subnormals, Inf, NaN). H100, qk_norm rows
+// of scripts/bench_write.py, same-run A/B: +0.7 to +1.8 points of copy bandwidth (fp8 84.5/83.6%,
+// int4:g4 77.8/77.0% prefill/decode after it). Tried and dropped (slower on the H100): 16 elements
+// per lane with qk_norm (V = 2, W = D/16: 72.7-83.9% at 3 or 4 blocks/SM), a team's Q rows two at a
+// time (65-75%: spills at 64 registers, fewer warps at 80), 5 blocks/SM (48 registers: 67-72%).
+// cw_inv_sqrt_probe compares the two over every bit pattern x >= 0 (tests/test_cache_write.py).
+__device__ __forceinline__ float inv_sqrt_rn(float x) {
+#if CW_FAST_RSQRT
+  if ((u32)__float_as_uint(x) - 0x0d000000u <= 0x727fffffu) {
+    float y, s, h;
+    asm("rsqrt.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    asm("mul.ftz.f32 %0, %1, %2;" : "=f"(s) : "f"(x), "f"(y));
+    asm("mul.ftz.f32 %0, %1, 0f3F000000;" : "=f"(h) : "f"(y));
+    s = __fmaf_rn(__fmaf_rn(-s, s, x), h, s);          // RN(sqrt(x))
+    float r;
+    asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(s));
+    return __fmaf_rn(r, -__fmaf_rn(r, s, -1.0f), r);   // RN(1 / s)
+  }
+#endif
+  return __frcp_rn(__fsqrt_rn(x));
+}
+
+// Self-test of inv_sqrt_rn: counts the x with bits lo, lo + 1, ..., lo + n - 1 (grid-stride) where it
+// differs from __frcp_rn(__fsqrt_rn(x)) bitwise (NaN equals NaN).
+__global__ void cw_inv_sqrt_probe(u32 lo, u32 n, unsigned long long* bad) {
+  u32 cnt = 0;
+  for (u32 j = blockIdx.x * blockDim.x + threadIdx.x; j < n; j += gridDim.x * blockDim.x) {
+    const float x = __uint_as_float(lo + j);
+    const float a = inv_sqrt_rn(x), b = __frcp_rn(__fsqrt_rn(x));
+    cnt += (__float_as_uint(a) != __float_as_uint(b)) && !(a != a && b != b);
+  }
+  if (cnt) atomicAdd(bad, (unsigned long long)cnt);
+}
+
 // qk_norm (SPEC §4.5) of the lane's 8 values given the lane's float64 sum of squares ss:
 // ms = RN_f32(sum y^2 / D), r = RN(1 / RN(sqrt(RN(ms + eps)))), y = RN(y * r).
 template <int W>
 __device__ __forceinline__ void qk_norm8_ss(float (&y)[8], double ss, float eps) {
   ss = team_sum_f64<W>(ss);
   const float ms = __double2float_rn(__dmul_rn(ss, 1.0 / (8 * W)));   // D is a power of two: exact
-  const float r = __frcp_rn(__fsqrt_rn(__fadd_rn(ms, eps)));
+  const float r = inv_sqrt_rn(__fadd_rn(ms, eps));
 #pragma unroll
   for (int k = 0; k < 8; ++k) y[k] = __fmul_rn(y[k], r);
 }
