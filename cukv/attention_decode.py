@@ -460,8 +460,11 @@ def decode_attention(q, cache_k, cache_v, seqlens, *, fmt=None, qparam_k=None, q
     tensor-core operands and the scaled probabilities in fp16; int4: the fp16 values before their bf16
     rounding), so ``v_t`` enters without its final bf16 rounding (at most half a bf16 ulp apart;
     tolerances unchanged). The query heads sharing a KV head (up to 16 per CTA) are served by one pass
-    over that head's cache; shared memory does not grow with the context. **cukv differs** from FBGEMM's
-    split-K kernel: any D in {64, 128, 256}, any GQA ratio, paged caches, contexts of any int32 length.
+    over that head's cache; shared memory does not grow with the context. On sm_90 a contiguous
+    quantized cache whose token records are 16-byte aligned is read with TMA tensor copies (a 16-key
+    block of one head per copy); other layouts use ``cp.async``. Both give the same bytes of output.
+    **cukv differs** from FBGEMM's split-K kernel: any D in {64, 128, 256}, any GQA ratio, paged
+    caches, contexts of any int32 length.
 
     See Also
     --------
