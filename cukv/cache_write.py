@@ -25,8 +25,9 @@ __all__ = ["write_kv_prefill", "write_kv_decode", "HEAD_DIMS"]
 HEAD_DIMS = (64, 128, 256)
 _FMT_G = [(0, 1), (1, 1), (2, 1), (3, 1), (3, 2), (3, 4), (3, 8)]
 _WRITE = _compile.Family("cache_write.cu", [
-    _compile.expression("write_kv", f, g, D // 8, norm)
-    for f, g in _FMT_G for D in HEAD_DIMS for norm in (False, True)] + ["cw_inv_sqrt_probe"])
+    _compile.expression("write_kv", f, g, D // 8, norm, path)
+    for f, g in _FMT_G for D in HEAD_DIMS for norm in (False, True) for path in (0, 1, 2)]
+    + ["cw_inv_sqrt_probe"])
 _BLOCK = 256               # CW_BLOCK of cache_write.cu
 _TARGET_BLOCKS = 2048      # split a token's rows over blocks until about this many blocks run
 _STAGES = 2                # tokens in flight per thread in the cp.async ring (= CW_STAGES of cache_write.cu)
@@ -374,7 +375,11 @@ def _write(op, xq, xk, xv, cache_k, cache_v, lanes, pos, *, lane_arg, pos_arg, f
         if stages * npf * _BLOCK * 16 <= _RING_MAX:
             flags |= _ASYNC
             smem = stages * npf * _BLOCK * 16
-    k = _WRITE.kernel("write_kv", fcode, G, W, bool(flags & _QK_NORM))
+    # the straight-compiled path (PATH 1 / 2 of the .cu) when the common-case flags all hold
+    fast = (flags & (_VEC_IN | _ASYNC | _OFF32)) == (_VEC_IN | _ASYNC | _OFF32) and \
+        (q_only or flags & _VEC_CACHE) and not flags & (_Q_BACK | _K_BACK)
+    path = (1 if flags & _INTERLEAVED else 2) if fast else 0
+    k = _WRITE.kernel("write_kv", fcode, G, W, bool(flags & _QK_NORM), path)
     _allow_dynamic_smem(k, smem)
     # one wave of resident blocks walks the tokens, in chunks of `ch` (position tables of a chunk fit
     # the kernel's 2048-double table)

@@ -337,7 +337,11 @@ __device__ __forceinline__ CwToken cw_token(int i, i64 vt, const int* lanes, con
   return t;
 }
 
-template <int FMT, int G, int W, bool NORM>
+// PATH: 0 every input layout (the flags decide at run time); 1 / 2 the common case compiled
+// straight: 16-byte vector inputs through the cp.async ring, int32 offsets, vector cache stores, no
+// write-back, and interleaved (1) or half-split (2) RoPE pairs. Fewer branches and registers: on the
+// H100 the qk_norm rows went from 84.7 / 77.6% to about 87 / 86.5% of copy (fp8 / int4:g4 prefill).
+template <int FMT, int G, int W, bool NORM, int PATH>
 __global__ void __launch_bounds__(CW_BLOCK, NORM ? CW_MINB_NORM : CW_MINB) write_kv(
     u16* __restrict__ xq, i64 xq_t, i64 xq_h,
     u16* __restrict__ xk, i64 xk_t, i64 xk_h,
@@ -369,8 +373,10 @@ __global__ void __launch_bounds__(CW_BLOCK, NORM ? CW_MINB_NORM : CW_MINB) write
   const int teams = blockDim.x / W;
   const int e0 = lane * 8;
   const bool q_only = xk == nullptr;
-  const bool vin = flags & CW_VEC_IN, vcache = flags & CW_VEC_CACHE, async = flags & CW_ASYNC;
-  const bool inter = flags & CW_INTERLEAVED, norm = NORM;   // compile time: the norm-free kernel carries none of its registers
+  constexpr bool FAST = PATH != 0;   // the host checked the flags this implies
+  const bool vin = FAST || (flags & CW_VEC_IN), vcache = FAST || (flags & CW_VEC_CACHE);
+  const bool async = FAST || (flags & CW_ASYNC);
+  const bool inter = PATH == 1 || (PATH == 0 && (flags & CW_INTERLEAVED)), norm = NORM;   // compile time: the norm-free kernel carries none of its registers
   const int rows = q_only ? n_h : n_h + 2 * n_kvh;
   const int r0 = blockIdx.y * teams + team;
   const int rstep = gridDim.y * teams;
@@ -379,7 +385,7 @@ __global__ void __launch_bounds__(CW_BLOCK, NORM ? CW_MINB_NORM : CW_MINB) write
   auto token = [&](int k) -> int { return (int)blockIdx.x + k * gx; };
   // Row addresses are integer work on every row of every token: with CW_OFF32 the offsets are int32
   // (one IMAD each) instead of int64 products.
-  const bool off32 = flags & CW_OFF32;
+  const bool off32 = FAST || (flags & CW_OFF32);
   auto row_ptr = [&](int tok, int r) -> const u16* {
     if (off32) {
       if (r < n_h) return xq + (tok * (int)xq_t + r * (int)xq_h);
@@ -484,12 +490,12 @@ __global__ void __launch_bounds__(CW_BLOCK, NORM ? CW_MINB_NORM : CW_MINB) write
         }
         if (kind == 0) {
           store_out8(out + (off32 ? (i64)((i * n_h + r) * D) : ((i64)i * n_h + r) * D) + e0, y[0], vin);
-          if (flags & CW_Q_BACK) store_bf16x8_rt(xq + (i64)i * xq_t + (i64)r * xq_h + e0, y[0], vin);
+          if (!FAST && (flags & CW_Q_BACK)) store_bf16x8_rt(xq + (i64)i * xq_t + (i64)r * xq_h + e0, y[0], vin);
           if (FMT == FMT_FP8_HEAD && amax) amax_row<W>(amax + (i64)b * amax_cols + r, y[0], lane);
           continue;
         }
         const int h = kind == 1 ? r - n_h : r - n_h - n_kvh;
-        if (kind == 1 && (flags & CW_K_BACK))
+        if (!FAST && kind == 1 && (flags & CW_K_BACK))
           store_bf16x8_rt(xk + (i64)i * xk_t + (i64)h * xk_h + e0, y[0], vin);
         float inv = 0.0f;
         if (FMT == FMT_FP8_HEAD) {
