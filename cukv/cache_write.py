@@ -3,9 +3,10 @@
 One launch takes a step's Q/K/V projections, returns Q position-encoded (and normed), and stores K/V
 position-encoded, normed and quantized into a contiguous or paged cache of any format.
 
-Kernel: ``cuda_src/cache_write.cu`` (``write_kv<FMT, G, W, NORM>``: one block per token, a team of
-``D/8`` lanes per row; qk_norm is a template parameter (its own register budget); position encoding,
-Q-only mode, write-back, skips and paging are runtime flags). Reference: :mod:`cukv.ref.cache_write`.
+Kernel: ``cuda_src/cache_write.cu`` (``write_kv<FMT, G, W, NORM, PATH>``: one block per token, a
+team of ``D/8`` lanes per row; qk_norm is a template parameter (its own register budget), and PATH
+compiles the common input layout straight (aligned inputs, no write-back, the RoPE pair layout);
+position encoding, Q-only mode, skips and paging are runtime flags). Reference: :mod:`cukv.ref.cache_write`.
 """
 from __future__ import annotations
 

@@ -1,7 +1,8 @@
 // cukv/cuda_src/cache_write.cu: fused KV-cache writes, cukv.write_kv_prefill / write_kv_decode (SPEC §4, §5).
 //
-// write_kv<FMT, G, W, NORM>: NORM = qk_norm, a template parameter so that each variant gets its own
-// register budget (CW_MINB / CW_MINB_NORM). Blocks walk the tokens (token i, i + gridDim.x, ...; the host sizes the grid to
+// write_kv<FMT, G, W, NORM, PATH>: NORM = qk_norm, a template parameter so that each variant gets its
+// own register budget (CW_MINB / CW_MINB_NORM); PATH 1 / 2 compile the common layout straight (see
+// the kernel). Blocks walk the tokens (token i, i + gridDim.x, ...; the host sizes the grid to
 // one wave of resident blocks) and blockIdx.y selects a slice of each token's rows. The rows of token i
 // are its Q heads, then its K heads, then its V heads (the amax column order), each handled by a team
 // of W = D/8 lanes holding 8 consecutive elements (common.cuh, V = 1). Per row:
