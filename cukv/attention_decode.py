@@ -235,9 +235,25 @@ def _layout(kind: str, fmt_g: int, D: int, R_bytes: int, external: bool):
         lines += 1                                        # odd: conflict-free interleaved K word reads
     slot = 16 * lines
     stages = _STAGES[_KIND[kind]]
-    stage_bytes = 32 * slot + 128
-    warp_bytes = -(-(stages * stage_bytes + 256 + 16) // 16) * 16
+    stage_bytes, warp_bytes = _ring(slot, stages)
     return pad, hdr, slot, slot, stage_bytes, warp_bytes, stages
+
+
+def _ring(slot: int, stages: int, tma: bool = False) -> tuple[int, int]:
+    """(stage_bytes, warp_bytes) of one warp's ring: ``stages`` slots of 16 K + 16 V rows of ``slot``
+    bytes plus 128 bytes (fp8 external words), then the row offsets (256 bytes) and masks (16 bytes);
+    tensor copies add the stage mbarriers and keep every ring 128-byte aligned (TMA destinations)."""
+    stage_bytes = 32 * slot + 128
+    extra, align = (32, 128) if tma else (0, 16)
+    return stage_bytes, -(-(stages * stage_bytes + 256 + 16 + extra) // align) * align
+
+
+def _tma_box(R_bytes: int, n_kv: int) -> int:
+    """Bytes per row of a tensor-copy box: from the 16-byte boundary at or before any head's row (the
+    TMA engine needs 16-byte-aligned box starts) to past its end, an odd number of 16-byte lines
+    (conflict-free K word reads, see :func:`_layout`). Row h of a record starts at h * R_bytes."""
+    lines = max(-(-((h * R_bytes) % 16 + R_bytes) // 16) for h in range(min(n_kv, 4)))
+    return 16 * (lines + 1 - lines % 2)
 
 
 def _smem(D: int, nw: int, warp_bytes: int) -> int:
@@ -349,28 +365,22 @@ def run(p: Plan, *, partials: bool = False, dots: bool = False, num_splits: int 
     # fast copy: every row of a head sits at the same address mod 16 (and bf16 rows are 16-aligned)
     fast = (all(v % 16 == 0 for v in outer) and all(v % 4 == 0 for v in (R_bytes, cs2, pk, pv))
             and (kind != "bf16" or all(v % 16 == 0 for v in (cs2, pk, pv))))
-    # Hopper tensor copies (fast = 3): contiguous quantized caches whose token records are
-    # 16-byte aligned; rows then sit at the start of ceil16(R)-byte slots (the K words of an odd number
-    # of 16-byte lines stay conflict-free)
+    # Hopper tensor copies (fast = 3): contiguous quantized caches whose token records are 16-byte
+    # aligned; a row sits at its address mod 16 in a slot of one box row (_tma_box)
     tk = tv = _NO_TMAP
     pad, sK, sV, stage_bytes, warp_bytes, smem = cfg.pad, cfg.sK, cfg.sV, cfg.stage_bytes, cfg.warp_bytes, cfg.smem
-    # box: from the 16-byte boundary at or before any head's row to past its end, an odd number of
-    # 16-byte lines (conflict-free K word reads, see _layout)
-    lines = max(-(-((h * R_bytes) % 16 + R_bytes) // 16) for h in range(min(nkv, 4)))
-    box_w = 16 * (lines + 1 - lines % 2)
-    if (fast and kind != "bf16" and fp8_mode != 1 and not g.paged and box_w <= 256
-            and _TUNE.get("tma", True) and _device_info(cp)[3] >= 90
-            and all(a.flags.c_contiguous and a.data.ptr % 16 == 0 for a in (ck, cv)) and cs1 % 16 == 0):
+    if (fast and kind != "bf16" and fp8_mode != 1 and not g.paged and _TUNE.get("tma", True)
+            and _device_info(cp)[3] >= 90 and cs1 % 16 == 0
+            and all(a.flags.c_contiguous and a.data.ptr % 16 == 0 for a in (ck, cv))):
+        box_w = _tma_box(R_bytes, nkv)
         T = int(ck.shape[1])
-        mk = _tensor_map(pk, cs1, T, B, box_w)
+        mk = _tensor_map(pk, cs1, T, B, box_w) if box_w <= 256 else None
         mv = _tensor_map(pv, cs1, T, B, box_w) if mk is not None else None
         if mv is not None:
             tk, tv, fast = mk, mv, 3
-            stages = _STAGES[_KIND[kind]]
-            sK, sV = box_w, box_w
-            stage_bytes = 32 * box_w + 128
-            warp_bytes = -(-(stages * stage_bytes + 256 + 16 + 32) // 128) * 128
-            smem = -(-32 * D // 128) * 128 + max(cfg.nw * warp_bytes, cfg.nw * 16 * D * 4 + cfg.nw * 16 * 12)
+            sK = sV = box_w
+            stage_bytes, warp_bytes = _ring(box_w, _STAGES[_KIND[kind]], tma=True)
+            smem = _smem(D, cfg.nw, warp_bytes)
     use_parts = partials or S > 1
     # split-major grids put the splits of one head next to each other; head-major (the default when
     # there are splits) schedules the KV heads of one key range together, which reads the cache rows
