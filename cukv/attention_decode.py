@@ -20,13 +20,19 @@ __all__ = ["decode_attention"]
 HEAD_DIMS = (64, 128, 256)
 _KIND = {"bf16": 0, "fp8": 1, "fp8_head": 1, "int4": 2}
 _STAGES = {0: 3, 1: 2, 2: 2}          # Geo<KIND, D>::STAGES in the .cu (CUKV_DA_STAGES_Q)
+_STAGES_REC = 2                       # the records ring (CUKV_DA_STAGES_REC)
 _SMEM_TARGET = 112 * 1024             # per CTA: two CTAs fit one H100 SM
 _MAX_AUTO_SPLITS = 128
-_TUNE: dict = {}                      # tuning overrides (benchmarks only): nw, smem_target, head_major, occ
+_TUNE: dict = {}                      # tuning overrides (benchmarks only): nw, smem_target, head_major, occ,
+                                      # tma, stream, stream_occ, l2_promotion
+_LAST: dict = {}                      # the last launch's schedule ("split" / "stream"; tests read it)
 
+_STREAM_MAX_B = 512                   # the stream schedule's prologue scans every lane's length per CTA
 _FAMILY = _compile.Family("decode_attention.cu", [
-    *(_compile.expression("decode_attn", k, d, nt) for k in (0, 1, 2) for d in HEAD_DIMS for nt in (1, 2)),
+    *(_compile.expression("decode_attn", k, d, nt, 0) for k in (0, 1, 2) for d in HEAD_DIMS for nt in (1, 2)),
+    *(_compile.expression("decode_attn", 1, d, nt, st) for st in (1, 2) for d in HEAD_DIMS for nt in (1, 2)),
     _compile.expression("decode_attn_merge"),
+    _compile.expression("decode_attn_merge_stream"),
 ], exact=False)
 
 
@@ -162,12 +168,13 @@ def _encode_tiled():
     return _ENCODE[0]
 
 
-def _tensor_map(ptr: int, rec: int, T: int, B: int, box_w: int):
-    """The tensor map of a cache ``[B, T, rec bytes]`` (uint8, C-contiguous) with boxes of 16 rows x
-    ``box_w`` bytes, or None if the driver refuses it. Cached by its arguments."""
+def _tensor_map(ptr: int, rec: int, T: int, B: int, box_w: int, elem: int = 1):
+    """The tensor map of a cache ``[B, T, rec bytes]`` (C-contiguous) with boxes of 16 rows x ``box_w``
+    bytes, seen as elements of ``elem`` bytes (1: uint8, 8: uint64, for boxes wider than 256 bytes), or
+    None if the driver refuses it. Cached by its arguments."""
     # L2 promotion 128 B (H100: 1-3% faster than 256 B or none on fp8 / int4 decode)
     promo = int(_TUNE.get("l2_promotion", 2))
-    key = (ptr, rec, T, B, box_w, promo)
+    key = (ptr, rec, T, B, box_w, promo, elem)
     m = _TMAPS.get(key)
     if m is None:
         import ctypes  # noqa: PLC0415
@@ -176,12 +183,13 @@ def _tensor_map(ptr: int, rec: int, T: int, B: int, box_w: int):
         if fn is None:
             return None
         out = np.zeros((), _TMAP)
-        dims = (ctypes.c_uint64 * 3)(rec, T, B)
+        dims = (ctypes.c_uint64 * 3)(rec // elem, T, B)
         strides = (ctypes.c_uint64 * 2)(rec, rec * T)
-        box = (ctypes.c_uint32 * 3)(box_w, 16, 1)
+        box = (ctypes.c_uint32 * 3)(box_w // elem, 16, 1)
         es = (ctypes.c_uint32 * 3)(1, 1, 1)
-        # uint8, rank 3, no interleave, no swizzle, L2 promotion `promo`, OOB -> zeros
-        rc = fn(out.ctypes.data, 0, 3, ctypes.c_void_p(ptr), dims, strides, box, es, 0, 0, promo, 0)
+        # uint8 (0) or uint64 (4), rank 3, no interleave, no swizzle, L2 promotion `promo`, OOB -> zeros
+        rc = fn(out.ctypes.data, 0 if elem == 1 else 4, 3, ctypes.c_void_p(ptr), dims, strides, box, es, 0, 0,
+                promo, 0)
         if rc != 0:
             return None
         if len(_TMAPS) > 256:
@@ -256,8 +264,25 @@ def _tma_box(R_bytes: int, n_kv: int) -> int:
     return 16 * (lines + 1 - lines % 2)
 
 
-def _smem(D: int, nw: int, warp_bytes: int) -> int:
+def _record_pitch(rec: int) -> int:
+    """Shared-memory bytes per token record in the ``records`` ring: the record (a multiple of 16 bytes)
+    rounded up to an odd number of 16-byte lines (conflict-free K word reads, see :func:`_layout`); the
+    box runs past the record, where the TMA fills zeros."""
+    lines = -(-rec // 16)
+    return 16 * (lines + 1 - lines % 2)
+
+
+def _smem(D: int, nw: int, warp_bytes: int, stream: bool = False) -> int:
+    if stream:                         # q fragments per warp, no combine area
+        return nw * (32 * D + warp_bytes)
     return 32 * D + max(nw * warp_bytes, nw * 16 * D * 4 + nw * 16 * 12)   # combine: O, m, l, shift sum
+
+
+def _occupancy(kernel, smem: int, nw: int, smem_sm: int) -> int:
+    """CTAs of ``nw`` warps and ``smem`` bytes that fit one SM (registers and shared memory)."""
+    regs = max(1, int(getattr(kernel, "num_regs", 128) or 128))
+    per_warp = -(-regs * 32 // 256) * 256
+    return max(1, min(smem_sm // (smem + 1024), 65536 // (per_warp * nw), 32))
 
 
 def _pick_copy_width(vals) -> int:
@@ -283,6 +308,7 @@ class Config:
     sV: int
     stage_bytes: int
     warp_bytes: int
+    auto: bool = False
 
 
 def config(p: Plan, num_splits: int | None = None) -> Config:
@@ -298,16 +324,15 @@ def config(p: Plan, num_splits: int | None = None) -> Config:
     nw = next((w for w in (4, 2, 1) if _smem(p.D, w, warp_bytes) <= limit), 1)
     nw = min(nw, _TUNE.get("nw", 4))
     smem = _smem(p.D, nw, warp_bytes)
-    kernel = _FAMILY.kernel("decode_attn", _KIND[g.kind], p.D, 1 if r <= 8 else 2)
+    kernel = _FAMILY.kernel("decode_attn", _KIND[g.kind], p.D, 1 if r <= 8 else 2, 0)
     S = num_splits if num_splits is not None else p.num_splits
-    if S is None:
+    auto = S is None
+    if auto:
         # CTAs the chip should hold at once: one per SM for bf16 (memory-bound: one CTA of 4 warps
         # streams fast enough; at batch 1 two per SM measured 10% slower), two or four for the
         # dequantizing kinds (more warps hide their arithmetic), fewer if shared memory or registers
         # allow less (H100 sweeps, scripts/bench_decode.py).
-        regs = max(1, int(getattr(kernel, "num_regs", 128) or 128))
-        per_warp = -(-regs * 32 // 256) * 256
-        occ = max(1, min(smem_sm // (smem + 1024), 65536 // (per_warp * nw), 32))
+        occ = _occupancy(kernel, smem, nw, smem_sm)
         base = p.B * g.n_kv_heads * n_hg
         # int4 holds four CTAs per SM (<= 128 registers), but since the S^T = K Q^T kernel a single
         # wave of four per SM runs slower than two per SM or several waves (H100, B16 x 8 KV heads:
@@ -317,7 +342,7 @@ def config(p: Plan, num_splits: int | None = None) -> Config:
         occ = min(occ, _TUNE.get("occ", cap))
         S = auto_splits(base, g.capacity, n_sm, occ, dequant={"bf16": 0, "int4": 8}.get(g.kind, 16))
     return Config(kernel=kernel, nw=nw, smem=smem, num_splits=S, n_hg=n_hg, pad=pad, hdr=hdr, sK=sK, sV=sV,
-                  stage_bytes=stage_bytes, warp_bytes=warp_bytes)
+                  stage_bytes=stage_bytes, warp_bytes=warp_bytes, auto=auto)
 
 
 def run(p: Plan, *, partials: bool = False, dots: bool = False, num_splits: int | None = None):
@@ -381,13 +406,55 @@ def run(p: Plan, *, partials: bool = False, dots: bool = False, num_splits: int 
             sK = sV = box_w
             stage_bytes, warp_bytes = _ring(box_w, _STAGES[_KIND[kind]], tma=True)
             smem = _smem(D, cfg.nw, warp_bytes)
+    # The stream schedule (fp8 caches with tensor copies, automatic split counts): one wave of
+    # persistent CTAs whose warps form position streams of one warp per item (KV head x head group); each
+    # stream takes an equal share of all lanes' 16-key blocks through one pipeline per warp, across
+    # lanes, with one partial per (lane, item, stream) and a merge over each lane's partials. With 4 to 8
+    # KV heads (at most 16 query heads each) a stream is one CTA of one warp per KV head sharing one ring
+    # of whole token records (``records``: two tensor copies of 16 records per stage, K and V, so the
+    # DRAM reads are contiguous), one CTA per SM. H100, 32/8 heads, D128 (% of copy, split / per-warp
+    # stream at 2 CTAs per SM / records): B64 T4096 79.5 / 83.1 / 85.7, B16 T16384 81.1 / 84.7 / 86.2,
+    # B128 T2048 77.5 / 80.8 / 83.4, B1 T131072 74.8 / 73.2 / 76.1. (int4 caches measured no better in
+    # either stream form, so they keep the split schedule.)
+    stream = (fast == 3 and cfg.auto and not partials and B <= _STREAM_MAX_B and _KIND[kind] == 1
+              and _TUNE.get("stream", True))
+    nw, records = cfg.nw, False
+    if stream:
+        r = NH // nkv
+        n_items = nkv * cfg.n_hg
+        n_sm, smem_sm, _, _ = _device_info(cp)
+        n_max = B * (-(-g.capacity // 16))                 # blocks of one item at full capacity
+        if cfg.n_hg == 1 and 4 <= nkv <= 8 and _TUNE.get("records", True):
+            pitch = _record_pitch(cs1)
+            mk = _tensor_map(pk, cs1, int(ck.shape[1]), B, pitch, elem=8) if pitch <= 2048 else None
+            mv = _tensor_map(pv, cs1, int(ck.shape[1]), B, pitch, elem=8) if mk is not None else None
+            if mv is not None:
+                records, tk, tv, nw = True, mk, mv, nkv
+                sK = sV = pitch
+                stage_bytes = warp_bytes = 32 * pitch
+                smem = nw * 32 * D + _TUNE.get("rec_stages", _STAGES_REC) * (stage_bytes + 16)
+        kernel = _FAMILY.kernel("decode_attn", _KIND[kind], D, 1 if r <= 8 else 2, 2 if records else 1)
+        if not records:
+            smem = _smem(D, nw, warp_bytes, stream=True)
+        occ = min(_occupancy(kernel, smem, nw, smem_sm), _TUNE.get("stream_occ", 1 if records else 2))
+        n_streams = min(n_sm * occ * nw // n_items, -(-n_max // 4))   # >= 4 blocks per warp
+        stream = n_streams >= 1
+    if stream:
+        n_warps, hs = n_streams * n_items, min(16, r)
+        n_cta = -(-n_warps // nw)
+        slots = (B + n_streams) * n_items
+        pa = cp.empty((slots, hs, D), np.float32)
+        pm = cp.empty((slots, 2, hs), np.float32)
+        cum = cp.empty((B + 1,), np.int64)
     use_parts = partials or S > 1
     # split-major grids put the splits of one head next to each other; head-major (the default when
     # there are splits) schedules the KV heads of one key range together, which reads the cache rows
     # of a position range at about the same time (slightly faster at batch 1 on H100).
     hm = int(_TUNE.get("head_major", S > 1)) and S <= 65535
-    pa = cp.empty((B, S, NH, D), np.float32) if use_parts else None
-    pm = cp.empty((B, 2, S, NH), np.float32) if use_parts else None
+    if not stream:
+        pa = cp.empty((B, S, NH, D), np.float32) if use_parts else None
+        pm = cp.empty((B, 2, S, NH), np.float32) if use_parts else None
+        kernel, cum = cfg.kernel, None
     dt = cp.zeros((B, NH, g.capacity), np.float32) if dots else None
     bt = cp.ascontiguousarray(p.block_tables) if g.paged else None
     seq = cp.ascontiguousarray(p.seqlens)
@@ -397,11 +464,19 @@ def run(p: Plan, *, partials: bool = False, dots: bool = False, num_splits: int 
     args = (q, ck, cv, qpk, qpv, bt, i32(max_pages), i32(g.page_size), i32(g.n_pages), seq,
             i32(NH), i32(nkv), i32(g.capacity), i64(cs0), i64(cs1), i64(cs2), i64(ws[0]), i64(ws[1]),
             i64(ws[2]), i32(R_bytes), i32(fp8_mode), i32(gshift), f32(p.scale * math.log2(math.e)),
-            i32(S), i32(copy_w), i32(fast), i32(pad), i32(cfg.hdr), i32(sK), i32(sV),
+            i32(n_streams if stream else S), i32(copy_w), i32(fast), i32(pad), i32(cfg.hdr), i32(sK), i32(sV),
             i32(stage_bytes), i32(warp_bytes), i32(hm), out, lse, pa, pm, dt,
-            i32(g.capacity if dots else 0), tk, tv)
+            i32(g.capacity if dots else 0), i32(B), cum, tk, tv)
+    _LAST.update(schedule=("records" if records else "stream") if stream else "split",
+                 ctas=n_cta if stream else None)
+    if stream:
+        _compile.launch(kernel, (n_cta,), (32 * nw,), args, shared_mem=smem)
+        merge = _FAMILY.kernel("decode_attn_merge_stream")
+        _compile.launch(merge, (B * NH,), (128,), (pa, pm, cum, seq, i32(B), i32(NH), i32(nkv), i32(g.capacity),
+                                                   i32(D), i32(n_streams), out, lse))
+        return out, lse, None, None, dt
     grid = (nkv * cfg.n_hg, S, B) if hm else (S, nkv * cfg.n_hg, B)
-    _compile.launch(cfg.kernel, grid, (32 * cfg.nw,), args, shared_mem=smem)
+    _compile.launch(kernel, grid, (32 * cfg.nw,), args, shared_mem=smem)
     if use_parts:
         merge = _FAMILY.kernel("decode_attn_merge")
         _compile.launch(merge, (B * NH,), (128,), (pa, pm, i32(NH), i32(S), i32(D), out, lse))

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 
-import ml_dtypes
 import numpy as np
 import pytest
 
@@ -190,7 +189,8 @@ def test_unaligned_rows_fast_copy(gpu, rng, fmt, D, paged):
 def test_tensor_copy_matches_cp_async(gpu, rng, fmt, D, n_kv):
     """On sm_90 contiguous quantized caches are loaded with TMA boxes (rows at every 4-byte offset of
     their 16-byte line, boxes past the record end zero-filled, ragged last blocks); the cp.async copy
-    must give the very same bytes, for several split counts."""
+    must give the very same bytes for a given split count. (Automatic splits run the stream schedule
+    with TMA: see test_stream_schedule.)"""
     import cupy as cp  # noqa: PLC0415
 
     from cukv import attention_decode as ad  # noqa: PLC0415
@@ -199,7 +199,7 @@ def test_tensor_copy_matches_cp_async(gpu, rng, fmt, D, n_kv):
         pytest.skip("TMA copies need sm_90")
     c = Case(rng, fmt, D, 2 * n_kv, (0, 1, 17, 700, 2053), n_kv=n_kv)
     try:
-        for S in (None, 1, 3):
+        for S in (1, 3):
             res = []
             for tma in (True, False):
                 ad._TUNE["tma"] = tma
@@ -211,6 +211,53 @@ def test_tensor_copy_matches_cp_async(gpu, rng, fmt, D, n_kv):
         ad._TUNE.pop("tma", None)
     O64, lse64 = c.exact()
     check_attention(o1, l1, O64, lse64, f"{fmt} D={D} tma")
+
+
+@pytest.mark.parametrize("fmt,D,n_kv,ratio,lens,occ,records", [
+    ("fp8", 128, 8, 4, (0, 1, 17, 700, 0, 2053, 16, 0), None, True),
+    ("fp8", 128, 8, 4, (0, 1, 17, 700, 0, 2053, 16, 0), None, False),
+    ("fp8", 64, 4, 2, (2053, 0, 33, 4096, 5), 2, True),
+    ("fp8", 64, 8, 16, (3000, 0, 45, 1), None, True),
+    ("fp8_head", 128, 6, 3, (0, 0, 300, 1, 1500), None, True),
+    ("fp8_head", 128, 2, 8, (0, 0, 300, 1, 1500), None, False),
+    ("fp8_head", 64, 1, 32, (77, 0, 1000), 3, False),
+    ("fp8_head", 128, 1, 8, (5, 300, 0, 1), None, False),
+    ("fp8_head", 128, 2, 1, (0, 640, 2049), 3, False),
+])
+def test_stream_schedule(gpu, rng, fmt, D, n_kv, ratio, lens, occ, records):
+    """Automatic splits over a contiguous fp8 cache (rows of at most 256 bytes) on sm_90 run a stream
+    schedule: persistent position streams (one warp per KV head x head group) each take an
+    equal share of all lanes' 16-key blocks across lane boundaries, and the merge combines a varying
+    number of partials per lane. With 4-8 KV heads of at most 16 query heads a stream is one CTA
+    sharing a ring of whole token records (``records``); otherwise (or with records turned off) each
+    warp has its own ring. Ragged lanes, lanes of length 0 at either end and in the middle, more
+    streams than blocks, two head groups (32 query heads per KV head), one item only, and CTA counts
+    of 1-3 per SM (different stream boundaries) must all meet the float64 bounds, with every output
+    written (poisoned pool) and deterministic bytes."""
+    import cupy as cp  # noqa: PLC0415
+
+    from cukv import attention_decode as ad  # noqa: PLC0415
+
+    if ad._device_info(cp)[3] < 90:
+        pytest.skip("the stream schedule needs TMA copies (sm_90)")
+    c = Case(rng, fmt, D, ratio, lens, n_kv=n_kv)
+    O64, lse64 = c.exact()
+    try:
+        if occ is not None:
+            ad._TUNE["stream_occ"] = occ
+        ad._TUNE["records"] = records
+        dirty_pool(gpu, (1 << 22,), c.q.shape, c.q.shape[:2])   # the partials too
+        out, lse = cukv.decode_attention(*c.args(gpu), return_lse=True, **c.kw(gpu))
+        assert ad._LAST["schedule"] == ("records" if records else "stream")
+        again = cukv.decode_attention(*c.args(gpu), **c.kw(gpu))
+    finally:
+        ad._TUNE.pop("stream_occ", None)
+        ad._TUNE.pop("records", None)
+    check_attention(out, lse, O64, lse64, f"{ad._LAST['schedule']} {fmt} D={D} r={ratio} occ={occ}")
+    assert (to_host(again).view(np.uint16) == to_host(out).view(np.uint16)).all(), "not deterministic"
+    ref1, _ = cukv.decode_attention(*c.args(gpu), return_lse=True, num_splits=1, **c.kw(gpu))
+    assert ad._LAST["schedule"] == "split"
+    assert np.abs(to_host(out).astype(np.float64) - to_host(ref1).astype(np.float64)).max() <= 2e-2
 
 
 @pytest.mark.parametrize("fmt", ["bf16", "int4:g8"])

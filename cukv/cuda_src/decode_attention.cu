@@ -70,6 +70,9 @@
 #ifndef CUKV_DA_STAGES_Q
 #define CUKV_DA_STAGES_Q 2
 #endif
+#ifndef CUKV_DA_STAGES_REC
+#define CUKV_DA_STAGES_REC 2
+#endif
 #ifndef CUKV_DA_MINB
 #define CUKV_DA_MINB 4
 #endif
@@ -152,8 +155,11 @@ __device__ __forceinline__ u32 and_or(u32 a, u32 b, u32 c) {
 struct __align__(64) Tmap { u64 w[16]; };   // a CUtensorMap, encoded on the host
 #if __CUDA_ARCH__ >= 900
 #define CUKV_DA_TMA 1
-__device__ __forceinline__ void mbar_init(u32 bar) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(bar) : "memory");
+__device__ __forceinline__ void mbar_init(u32 bar, u32 count = 1) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(bar), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(u32 bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(bar) : "memory");
 }
 __device__ __forceinline__ void mbar_inval(u32 bar) {
   asm volatile("mbarrier.inval.shared::cta.b64 [%0];" ::"r"(bar) : "memory");
@@ -211,6 +217,12 @@ template <int KIND, int D> __host__ __device__ constexpr int k_elem(int lc, int 
          : KIND == KIND_FP8 ? 4 * (k_word<KIND, D>(lc, tt) + 4 * (p >> 2)) + (p & 3)
                             : 8 * k_word<KIND, D>(lc, tt) + chunk_perm<KIND>(p);
 }
+
+// A 16-key block of the stream schedule: keys [t0, t0 + 16) of lane b, item hy (KV head x head group),
+// whose keys end at `end`.
+struct Cursor {
+  int b, hy, t0, end;
+};
 
 // Per-row dequantization parameters.
 struct RowQ {
@@ -276,8 +288,10 @@ __device__ __forceinline__ u32 pair_sel(u32 a, u32 b, int hi) {
 }
 
 // ------------------------------------------------------------------------------------ the kernel
-template <int KIND, int D, int NT>
-__global__ void __launch_bounds__(128, D * NT > 128 ? 1 : KIND == KIND_INT4 ? CUKV_DA_MINB : KIND == KIND_FP8 ? CUKV_DA_MINB_FP8 : 1)
+template <int KIND, int D, int NT, int STREAM>
+__global__ void __launch_bounds__(STREAM == 2 ? 256 : 128,
+                                  STREAM == 2 ? (D * NT > 128 ? 1 : 2)
+                                  : D * NT > 128 ? 1 : KIND == KIND_INT4 ? CUKV_DA_MINB : KIND == KIND_FP8 ? CUKV_DA_MINB_FP8 : 1)
     decode_attn(
     const u16* __restrict__ q, const u8* __restrict__ ck, const u8* __restrict__ cv,
     const void* __restrict__ qpk, const void* __restrict__ qpv, const int* __restrict__ block_tables,
@@ -285,74 +299,173 @@ __global__ void __launch_bounds__(128, D * NT > 128 ? 1 : KIND == KIND_INT4 ? CU
     int capacity, i64 cs0, i64 cs1, i64 cs2, i64 ws0, i64 ws1, i64 ws2, int R, int fp8_mode, int gshift,
     float scale_log2, int num_splits, int copy_w, int fast, int pad, int hdr, int sK, int sV, int stage_bytes,
     int warp_bytes, int head_major, u16* __restrict__ out, float* __restrict__ lse, float* __restrict__ part_a,
-    float* __restrict__ part_ml, float* __restrict__ dots, int dots_cap, const __grid_constant__ Tmap tmk,
-    const __grid_constant__ Tmap tmv) {
+    float* __restrict__ part_ml, float* __restrict__ dots, int dots_cap, int n_lanes, i64* __restrict__ cum,
+    const __grid_constant__ Tmap tmk, const __grid_constant__ Tmap tmv) {
   typedef Geo<KIND, D> G_;
-  constexpr int KS = G_::KS, STAGES = G_::STAGES;
+  constexpr int KS = G_::KS, STAGES = STREAM == 2 ? CUKV_DA_STAGES_REC : G_::STAGES;
   constexpr bool FOLD = KIND == KIND_FP8;   // V scale/shift folded into P / a per-head fp32 sum
   extern __shared__ __align__(16) u8 smem[];
   const u32 smem_s = smem_u32(smem);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
   const int g = lane >> 2, tid = lane & 3;
-  // grid: (splits, KV heads x head groups, lanes), or heads first with `head_major`
-  const int split = head_major ? blockIdx.y : blockIdx.x, hy = head_major ? blockIdx.x : blockIdx.y;
-  const int b = blockIdx.z;
-  const int r = n_heads / n_kv, n_hg = (r + 15) >> 4;
-  const int kvh = hy / n_hg, hg = hy - kvh * n_hg;
-  const int h0 = kvh * r + hg * 16;
-  const int nh = min(16, r - hg * 16);
-  int n = seqlens[b];
-  n = n < 0 ? 0 : (n > capacity ? capacity : n);
-  const int t_per = n > 0 ? (int)(((i64)n + num_splits - 1) / num_splits) : 0;
-  const int start = (int)min((i64)split * t_per, (i64)n);
-  const int end = (int)min((i64)start + t_per, (i64)n);
-
-  // ---- q fragments (A operand of S = Q K^T), in the K chunk permutation, shared by every warp.
-  uint4* qf = reinterpret_cast<uint4*>(smem);
-  for (int i = threadIdx.x; i < KS * 32; i += blockDim.x) {
-    const int ks = i >> 5, ln = i & 31, gg = ln >> 2, tt = ln & 3;
-    const int lc = ks >> 1;
-    u32 a[4];
+  const int r = n_heads / n_kv, n_hg = (r + 15) >> 4, n_items = n_kv * n_hg;
+  auto lane_len = [&](int bb) {
+    const int n = seqlens[bb];
+    return n < 0 ? 0 : (n > capacity ? capacity : n);
+  };
+  // the item (lane b, KV head x head group hy) served: query heads h0 .. h0 + nh - 1, keys [start, end)
+  int b, hy, kvh, h0, nh, start, end;
+  auto set_item = [&](int b_, int hy_) {
+    b = b_;
+    hy = hy_;
+    kvh = hy / n_hg;
+    const int hg = hy - kvh * n_hg;
+    h0 = kvh * r + hg * 16;
+    nh = min(16, r - hg * 16);
+  };
+  int my_n;                // 16-key blocks this warp serves
+  Cursor cc{0, 0, 0, 0};   // stream: the block computed next
+  i64 stream_k = 0;        // stream: the position stream of this warp
+  if (!STREAM) {
+    // grid: (splits, KV heads x head groups, lanes), or heads first with `head_major`
+    const int split = head_major ? blockIdx.y : blockIdx.x;
+    set_item(blockIdx.z, head_major ? blockIdx.x : blockIdx.y);
+    const int n = lane_len(b);
+    const int t_per = n > 0 ? (int)(((i64)n + num_splits - 1) / num_splits) : 0;
+    start = (int)min((i64)split * t_per, (i64)n);
+    end = (int)min((i64)start + t_per, (i64)n);
+    const int nblk = (end - start + 15) >> 4;
+    my_n = nblk > warp ? (nblk - warp + nw - 1) / nw : 0;
+  } else {
+    // stream: the warps of the grid form PS = min(num_splits, N) position streams of n_items
+    // warps; warp W = k * n_items + hy serves item hy (KV head x head group) of the 16-key blocks
+    // [k*N/PS, (k+1)*N/PS) of the N blocks of all lanes, ordered (lane, block). The n_items warps of a
+    // stream read the same token records at about the same time (DRAM rows are used whole).
+    i64* red = reinterpret_cast<i64*>(smem);   // scratch before the q fragments: sums, then per warp x b ex
+    i64* const sx = red + 32, *const sb = red + 64, *const se = red + 96;   // (nw <= 32)
+    i64 tot = 0;
+    for (int bb = threadIdx.x; bb < n_lanes; bb += blockDim.x) tot += (lane_len(bb) + 15) >> 4;
 #pragma unroll
-    for (int sp = 0; sp < 2; ++sp) {
-      const int wd = ((ks & 1) << 1) | sp;
-      const int e0 = k_elem<KIND, D>(lc, tt, 2 * wd), e1 = k_elem<KIND, D>(lc, tt, 2 * wd + 1);
-#pragma unroll
-      for (int half = 0; half < 2; ++half) {
-        const int row = gg + 8 * half;
-        u32 v = 0;
-        if (row < nh) {
-          const u16* qr = q + ((i64)b * n_heads + h0 + row) * D;
-          v = (u32)qr[e0] | ((u32)qr[e1] << 16);
-        }
-        a[sp * 2 + half] = v;   // a0 (row g, slots 2t..), a1 (row g+8), a2 (row g, slots 2t+8..), a3
-      }
+    for (int off = 16; off > 0; off >>= 1) tot += __shfl_xor_sync(CUKV_FULL_MASK, tot, off);
+    if (lane == 0) red[warp] = tot;
+    __syncthreads();
+    i64 N = 0;
+    for (int w = 0; w < nw; ++w) N += red[w];
+    const i64 W = (i64)blockIdx.x * nw + warp, k = W / n_items;
+    const i64 PS = min((i64)num_splits, N);   // num_splits: the stream count
+    const i64 xb = k < PS ? k * N / PS : N;
+    my_n = k < PS ? (int)((k + 1) * N / PS - xb) : 0;
+    stream_k = k;
+    __syncthreads();
+    if (lane == 0) {
+      sx[warp] = xb;
+      sb[warp] = -1;
     }
-    qf[i] = make_uint4(a[0], a[1], a[2], a[3]);
+    // the lane holding block xb: an exclusive scan of the lanes' block counts, blockDim.x at a time
+    i64 base = 0;
+    for (int c0 = 0; c0 < n_lanes; c0 += blockDim.x) {
+      const int bb = c0 + threadIdx.x;
+      const i64 v = bb < n_lanes ? (lane_len(bb) + 15) >> 4 : 0;
+      i64 incl = v;
+#pragma unroll
+      for (int off = 1; off < 32; off <<= 1) {
+        const i64 t = __shfl_up_sync(CUKV_FULL_MASK, incl, off);
+        if (lane >= off) incl += t;
+      }
+      if (lane == 31) red[warp] = incl;
+      __syncthreads();
+      i64 pre = base, all = base;
+      for (int w = 0; w < nw; ++w) {
+        pre += w < warp ? red[w] : 0;
+        all += red[w];
+      }
+      const i64 ex = pre + incl - v;
+      if (blockIdx.x == 0 && bb < n_lanes) cum[bb] = ex;   // for the merge
+      for (int w = 0; w < nw; ++w)
+        if (v > 0 && ex <= sx[w] && sx[w] < ex + v) {
+          sb[w] = bb;
+          se[w] = ex;
+        }
+      base = all;
+      __syncthreads();
+    }
+    if (blockIdx.x == 0 && threadIdx.x == 0) cum[n_lanes] = N;
+    const int b0 = (int)sb[warp];
+    const int hy0 = (int)(W - k * n_items);
+    if (my_n > 0 && b0 >= 0) {
+      set_item(b0, hy0);
+      cc = Cursor{b0, hy0, 16 * (int)(xb - se[warp]), lane_len(b0)};
+    } else {
+      my_n = 0;
+      set_item(0, hy0);
+    }
+    start = 0;
+    end = cc.end;
+    __syncthreads();   // the scratch is reused by the q fragments
   }
 
-  float hs_k = 0.0f, hs_v = 0.0f;
-  if (KIND == KIND_FP8 && fp8_mode == 2) {
-    hs_k = reinterpret_cast<const float*>(qpk)[(i64)b * n_kv + kvh];
-    hs_v = reinterpret_cast<const float*>(qpv)[(i64)b * n_kv + kvh];
-  }
+  // ---- q fragments (A operand of S = Q K^T), in the K chunk permutation: shared by every warp of the
+  // CTA, or (stream) one set per warp, reloaded when the warp moves to another item.
+  uint4* const qf = reinterpret_cast<uint4*>(smem) + (STREAM ? warp * KS * 32 : 0);
+  auto load_q = [&](int i0, int step) {
+    for (int i = i0; i < KS * 32; i += step) {
+      const int ks = i >> 5, ln = i & 31, gg = ln >> 2, tt = ln & 3;
+      const int lc = ks >> 1;
+      u32 a[4];
+#pragma unroll
+      for (int sp = 0; sp < 2; ++sp) {
+        const int wd = ((ks & 1) << 1) | sp;
+        const int e0 = k_elem<KIND, D>(lc, tt, 2 * wd), e1 = k_elem<KIND, D>(lc, tt, 2 * wd + 1);
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          const int row = gg + 8 * half;
+          u32 v = 0;
+          if (row < nh) {
+            const u16* qr = q + ((i64)b * n_heads + h0 + row) * D;
+            v = (u32)qr[e0] | ((u32)qr[e1] << 16);
+          }
+          a[sp * 2 + half] = v;   // a0 (row g, slots 2t..), a1 (row g+8), a2 (row g, slots 2t+8..), a3
+        }
+      }
+      qf[i] = make_uint4(a[0], a[1], a[2], a[3]);
+    }
+  };
+  float hs_k = 0.0f, hs_v = 0.0f;   // fp8_head scales of the item
+  auto load_hs = [&]() {
+    if (KIND == KIND_FP8 && fp8_mode == 2) {
+      hs_k = reinterpret_cast<const float*>(qpk)[(i64)b * n_kv + kvh];
+      hs_v = reinterpret_cast<const float*>(qpv)[(i64)b * n_kv + kvh];
+    }
+  };
+  if (!STREAM) load_q(threadIdx.x, blockDim.x);
+  else if (my_n > 0) load_q(lane, 32);
+  load_hs();
 
   // ---- this warp's pipeline
-  u8* wbase = smem + KS * 32 * 16 + warp * warp_bytes;
+  // (records: one ring for the CTA, STREAM == 2; its full / empty mbarriers after the last stage)
+  u8* wbase = smem + (STREAM ? nw : 1) * KS * 32 * 16 + (STREAM == 2 ? 0 : warp * warp_bytes);
+  const u32 rec_bar = smem_s + (u32)(wbase + STAGES * stage_bytes - smem);
   i64* offs = reinterpret_cast<i64*>(wbase + STAGES * stage_bytes);   // [16] row bytes, [16] words
   u32* masks = reinterpret_cast<u32*>(offs + 32);                      // [STAGES]
   // tensor copies (fast == 3): one mbarrier per stage after the masks, and a phase bit per stage
   const u32 bar_s = smem_s + (u32)(reinterpret_cast<u8*>(masks) - smem) + 16;
   u32 phase = 0;
 #if CUKV_DA_TMA
-  if (fast == 3 && lane == 0) {
+  if (STREAM == 2) {
+    if (threadIdx.x == 0) {
+#pragma unroll
+      for (int s = 0; s < STAGES; ++s) {
+        mbar_init(rec_bar + 8 * s);                        // full: the tensor copies' bytes
+        mbar_init(rec_bar + 8 * (STAGES + s), (u32)nw);    // empty: one arrival per warp
+      }
+      asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    }
+  } else if (fast == 3 && lane == 0) {
 #pragma unroll
     for (int s = 0; s < STAGES; ++s) mbar_init(bar_s + 8 * s);
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
   }
 #endif
-  const int nblk = (end - start + 15) >> 4;
-  const int my_n = nblk > warp ? (nblk - warp + nw - 1) / nw : 0;
   // Row placement in its slot: the generic copy puts a row at `pad` (payload 16-aligned); the fast copy
   // puts it at its global address mod 16 (delta), so that 16-byte pieces line up on both sides.
   int pad_k = pad, pad_v = pad;
@@ -374,7 +487,9 @@ __global__ void __launch_bounds__(128, D * NT > 128 ? 1 : KIND == KIND_INT4 ? CU
       if (a) pad_v = delta; else pad_k = delta;
     }
   }
-  const int po_k = pad_k + hdr, po_v = pad_v + hdr;
+  int po_k = pad_k + hdr, po_v = pad_v + hdr;
+  // tensor copies: a row sits at its address mod 16 in its box row (the same for K and V)
+  auto tma_pad = [&](int h) { return (int)((reinterpret_cast<u64>(ck) + (u64)((i64)h * cs2)) & 15u); };
   const int n_w = R / copy_w;                   // generic copy: pieces per row
   const int row_step = 32 / n_w, piece_step = 32 - row_step * n_w;
   const i64 lane_b = (i64)b;
@@ -383,25 +498,40 @@ __global__ void __launch_bounds__(128, D * NT > 128 ? 1 : KIND == KIND_INT4 ? CU
   // per-row offsets through shared memory: paged caches, the generic copy and fp8 external words
   const bool via_smem = block_tables != nullptr || !fast || (KIND == KIND_FP8 && fp8_mode == 1);
 
-  auto issue = [&](int li, int s) {
+  // Load block li (keys [t0, t0 + 16) of the stream cursor `ic`, or of the split) into stage s.
+  auto issue = [&](int li, int s, const Cursor& ic) {
     if (li < my_n) {
-      const int t0 = start + (warp + li * nw) * 16;
+      const int t0 = STREAM ? ic.t0 : start + (warp + li * nw) * 16;
 #if CUKV_DA_TMA
-      if (fast == 3) {   // two tensor copies (K box, V box) by lane 0; rows past `end` are fixed up on arrival
+      if (STREAM == 2) {   // whole token records (every KV head) of 16 keys, K and V, by one thread
+        if (threadIdx.x == 0) {
+          const u32 full = rec_bar + 8 * s;
+          if (li >= STAGES) mbar_wait(rec_bar + 8 * (STAGES + s), ((li / STAGES) - 1) & 1);   // stage free
+          mbar_expect_tx(full, 32u * (u32)sK);
+          const u32 st_s = smem_s + (u32)(wbase + s * stage_bytes - smem);
+          tma_load_3d(st_s, &tmk, 0, t0, ic.b, full);
+          tma_load_3d(st_s + 16 * sK, &tmv, 0, t0, ic.b, full);
+        }
+        return;
+      }
+      if (STREAM || fast == 3) {   // two tensor copies (K box, V box) by lane 0; rows past the end are fixed up on arrival
         if (lane == 0) {
-          const int nk = end - t0;
+          const int nk = (STREAM ? ic.end : end) - t0, ib = STREAM ? ic.b : b;
+          const int ih = STREAM ? ic.hy / n_hg : kvh, ipad = STREAM ? tma_pad(ih) : pad_k;
           const u32 bar = bar_s + 8 * s;
           masks[s] = nk >= 16 ? 0xffffu : (1u << nk) - 1u;
           mbar_expect_tx(bar, 16u * (u32)(sK + sV));
           const u32 st_s = smem_s + (u32)(wbase + s * stage_bytes - smem);
           // a box starts on a 16-byte boundary of the record: the row lands at pad (its address mod 16)
-          tma_load_3d(st_s, &tmk, kvh * R - pad_k, t0, b, bar);
-          tma_load_3d(st_s + 16 * sK, &tmv, kvh * R - pad_v, t0, b, bar);
+          tma_load_3d(st_s, &tmk, ih * R - ipad, t0, ib, bar);
+          tma_load_3d(st_s + 16 * sK, &tmv, ih * R - ipad, t0, ib, bar);
         }
         cp_async_commit();
         __syncwarp();
         return;
       }
+#else
+      if (STREAM) __trap();   // the host runs the stream schedule only with tensor copies (sm_90)
 #endif
       bool ok = false;
       if (lane < 16) {
@@ -504,39 +634,133 @@ __global__ void __launch_bounds__(128, D * NT > 128 ? 1 : KIND == KIND_INT4 ? CU
   };
 
   float o[NT][KS][4];
-#pragma unroll
-  for (int a = 0; a < NT; ++a)
-#pragma unroll
-    for (int mt = 0; mt < KS; ++mt)
-#pragma unroll
-      for (int c = 0; c < 4; ++c) o[a][mt][c] = 0.0f;
   // running max / sum of heads 8*hh + 2*tid + k (l_run, z_run: over this thread's keys only)
   float m_run[NT][2], l_run[NT][2], z_run[NT][2];
-#pragma unroll
-  for (int hh = 0; hh < NT; ++hh)
-#pragma unroll
-    for (int k = 0; k < 2; ++k) {
-      m_run[hh][k] = CUKV_NEG_INF;
-      l_run[hh][k] = 0.0f;
-      z_run[hh][k] = 0.0f;
-    }
   // fp8 V fold (see the header): o is kept in units of 2^(e_run - 127), z_run = sum_t p_t shift_t.
-  int e_run = 1;
+  int e_run;
+  auto reset = [&]() {
+#pragma unroll
+    for (int a = 0; a < NT; ++a)
+#pragma unroll
+      for (int mt = 0; mt < KS; ++mt)
+#pragma unroll
+        for (int c = 0; c < 4; ++c) o[a][mt][c] = 0.0f;
+#pragma unroll
+    for (int hh = 0; hh < NT; ++hh)
+#pragma unroll
+      for (int k = 0; k < 2; ++k) {
+        m_run[hh][k] = CUKV_NEG_INF;
+        l_run[hh][k] = 0.0f;
+        z_run[hh][k] = 0.0f;
+      }
+    e_run = 1;
+  };
+  reset();
+  // l_run, z_run: sums over the keys g of the warp
+  auto warp_sums = [&]() {
+#pragma unroll
+    for (int hh = 0; hh < NT; ++hh)
+#pragma unroll
+      for (int k = 0; k < 2; ++k)
+#pragma unroll
+        for (int off = 4; off < 32; off <<= 1) {
+          l_run[hh][k] += __shfl_xor_sync(CUKV_FULL_MASK, l_run[hh][k], off);
+          if (FOLD) z_run[hh][k] += __shfl_xor_sync(CUKV_FULL_MASK, z_run[hh][k], off);
+        }
+  };
+  // stream: the next block of the warp's item (the next lane with keys at the end of a lane)
+  auto advance = [&](Cursor& c) {
+    c.t0 += 16;
+    if (c.t0 >= c.end) {
+      c.t0 = 0;
+      do {
+        ++c.b;
+        c.end = c.b < n_lanes ? lane_len(c.b) : 1;
+      } while (c.end == 0);
+    }
+  };
+  // the d columns of o[.][mt][0, 1] (dA) and o[.][mt][2, 3] (dB) this thread holds
+  auto o_cols = [&](int mt, int& dA, int& dB) {
+    constexpr int NG = D == 256 ? 2 : 1;
+    constexpr int MPG = KS / NG;
+    const int grp = mt / MPG, mm = mt - grp * MPG;
+    const int cA = grp, cB = D == 64 ? 0 : grp + G_::VCH / 2;
+    const int pA = D == 64 ? mm : (mm & 7);
+    const int pB = D == 64 ? mm + 4 : (mm & 7);
+    dA = 8 * (g + 8 * cA) + chunk_perm<KIND>(pA);
+    dB = 8 * (g + 8 * cB) + chunk_perm<KIND>(pB);
+  };
+  // stream: this warp's partial of its lane and item to slot (b + k) * n_items + hy (k: the position
+  // stream) of part_a [slots, hs, D] (a = unnormalised output incl. the fp8 shift sum) and part_ml
+  // [slots, 2, hs] (m natural log, l), hs = min(16, r) heads per slot; see decode_attn_merge_stream.
+  auto flush = [&]() {
+    warp_sums();
+    const float o_unit = FOLD ? __uint_as_float((u32)e_run << 23) : 1.0f;
+    const int hs = min(16, r);
+    const i64 slot = ((i64)b + stream_k) * n_items + hy;
+    float* pa = part_a + slot * hs * D;
+#pragma unroll
+    for (int hh = 0; hh < NT; ++hh) {
+      const int hl = 8 * hh + 2 * tid;
+#pragma unroll
+      for (int mt = 0; mt < KS; ++mt) {
+        int dA, dB;
+        o_cols(mt, dA, dB);
+        if (hl < nh) {
+          pa[hl * D + dA] = o[hh][mt][0] * o_unit + z_run[hh][0];
+          pa[hl * D + dB] = o[hh][mt][2] * o_unit + z_run[hh][0];
+        }
+        if (hl + 1 < nh) {
+          pa[(hl + 1) * D + dA] = o[hh][mt][1] * o_unit + z_run[hh][1];
+          pa[(hl + 1) * D + dB] = o[hh][mt][3] * o_unit + z_run[hh][1];
+        }
+      }
+      if (g == 0) {
+#pragma unroll
+        for (int k = 0; k < 2; ++k)
+          if (hl + k < nh) {
+            part_ml[slot * 2 * hs + hl + k] = m_run[hh][k] == CUKV_NEG_INF ? CUKV_NEG_INF : m_run[hh][k] * CUKV_LN2;
+            part_ml[slot * 2 * hs + hs + hl + k] = l_run[hh][k];
+          }
+      }
+    }
+  };
+  // stream: rows at their address mod 16 in their box row; records: at the head's offset in the record
+  auto stream_pads = [&]() {
+    pad_k = pad_v = STREAM == 2 ? kvh * R : tma_pad(kvh);
+    po_k = po_v = pad_k + hdr;
+  };
+  if (STREAM) stream_pads();
+  Cursor ic = cc;   // stream: the block issued next
 
   __syncthreads();   // q fragments ready
 
 #pragma unroll
-  for (int s = 0; s < STAGES - 1; ++s) issue(s, s);
+  for (int s = 0; s < STAGES - 1; ++s) {
+    issue(s, s, ic);
+    if (STREAM) advance(ic);
+  }
 
   for (int j = 0; j < my_n; ++j) {
-    issue(j + STAGES - 1, (j + STAGES - 1) % STAGES);
+    issue(j + STAGES - 1, (j + STAGES - 1) % STAGES, ic);
+    if (STREAM) advance(ic);
     cp_async_wait<STAGES - 1>();
     const int s = j % STAGES;
+    const int t0 = STREAM ? cc.t0 : start + (warp + j * nw) * 16;
+    const int nk = end - t0;
 #if CUKV_DA_TMA
-    if (fast == 3) {
+    if (STREAM == 2) {
+      mbar_wait(rec_bar + 8 * s, (j / STAGES) & 1);
+      if (nk < 16) {   // keys past the lane: zero this head's V rows (0 * NaN); other heads are other warps'
+        u32* sv = reinterpret_cast<u32*>(wbase + s * stage_bytes + 16 * sK + nk * sK + pad_v);
+        for (int o = lane; o < (16 - nk) * (R >> 2); o += 32) {
+          const int row = o / (R >> 2);
+          sv[row * (sK >> 2) + (o - row * (R >> 2))] = 0u;
+        }
+      }
+    } else if (STREAM || fast == 3) {
       mbar_wait(bar_s + 8 * s, (phase >> s) & 1u);
       phase ^= 1u << s;
-      const int nk = end - (start + (warp + j * nw) * 16);
       if (nk < 16) {   // keys past the split were loaded (in bounds): zero their V rows (0 * NaN)
         u8* sv = wbase + s * stage_bytes + 16 * sK + nk * sV;
         for (int o = 16 * lane; o < (16 - nk) * sV; o += 512) *reinterpret_cast<uint4*>(sv + o) = make_uint4(0, 0, 0, 0);
@@ -548,8 +772,7 @@ __global__ void __launch_bounds__(128, D * NT > 128 ? 1 : KIND == KIND_INT4 ? CU
     const u8* stK = st;
     const u8* stV = st + 16 * sK;
     const u32* stW = reinterpret_cast<const u32*>(st + 16 * (sK + sV));
-    const u32 vm = masks[s];
-    const int t0 = start + (warp + j * nw) * 16;
+    const u32 vm = STREAM == 2 ? (nk >= 16 ? 0xffffu : (1u << nk) - 1u) : masks[s];
 
     auto row_q = [&](const u8* row, int key, bool isv) {
       RowQ rq;
@@ -785,27 +1008,47 @@ __global__ void __launch_bounds__(128, D * NT > 128 ? 1 : KIND == KIND_INT4 ? CU
       }
     }
     __syncwarp();
+#if CUKV_DA_TMA
+    if (STREAM == 2 && lane == 0) mbar_arrive(rec_bar + 8 * (STAGES + s));   // this warp is done with stage s
+#endif
+    if (STREAM) {   // the item ends (or the warp's blocks do): its partial goes out, the next one starts
+      Cursor nx = cc;
+      advance(nx);
+      const bool last = j + 1 == my_n;
+      if (last || nx.b != cc.b) {
+        flush();
+        if (!last) {
+          set_item(nx.b, nx.hy);
+          end = nx.end;
+          stream_pads();
+          reset();
+          load_q(lane, 32);
+          load_hs();
+          __syncwarp();
+        }
+      }
+      cc = nx;
+    }
   }
   cp_async_wait<0>();
 #if CUKV_DA_TMA
-  if (fast == 3 && lane == 0) {   // every armed stage was waited for above; the memory is reused below
+  if (STREAM == 2) {
+    __syncthreads();   // every warp is past its last wait
+    if (threadIdx.x == 0) {
+#pragma unroll
+      for (int s = 0; s < 2 * STAGES; ++s) mbar_inval(rec_bar + 8 * s);
+    }
+  } else if (fast == 3 && lane == 0) {   // every armed stage was waited for above; the memory is reused below
 #pragma unroll
     for (int s = 0; s < STAGES; ++s) mbar_inval(bar_s + 8 * s);
   }
 #endif
   (void)phase;
   (void)bar_s;
+  if (STREAM) return;
 
   // ---- merge the warps of this CTA (the combine area aliases the pipelines).
-#pragma unroll
-  for (int hh = 0; hh < NT; ++hh)
-#pragma unroll
-    for (int k = 0; k < 2; ++k)
-#pragma unroll
-      for (int off = 4; off < 32; off <<= 1) {   // sum over the keys g of the warp
-        l_run[hh][k] += __shfl_xor_sync(CUKV_FULL_MASK, l_run[hh][k], off);
-        if (FOLD) z_run[hh][k] += __shfl_xor_sync(CUKV_FULL_MASK, z_run[hh][k], off);
-      }
+  warp_sums();
   const float o_unit = FOLD ? __uint_as_float((u32)e_run << 23) : 1.0f;   // 2^(e_run - 127)
   __syncthreads();
   float* cO = reinterpret_cast<float*>(smem + KS * 32 * 16);   // [nw][16][D]
@@ -823,16 +1066,10 @@ __global__ void __launch_bounds__(128, D * NT > 128 ? 1 : KIND == KIND_INT4 ? CU
         cz[warp * 16 + head] = FOLD ? z_run[hh][k] : 0.0f;
       }
     }
-    constexpr int NG = D == 256 ? 2 : 1;
-    constexpr int MPG = KS / NG;
 #pragma unroll
     for (int mt = 0; mt < KS; ++mt) {
-      const int grp = mt / MPG, mm = mt - grp * MPG;
-      const int cA = grp, cB = D == 64 ? 0 : grp + G_::VCH / 2;
-      const int pA = D == 64 ? mm : (mm & 7);
-      const int pB = D == 64 ? mm + 4 : (mm & 7);
-      const int dA = 8 * (g + 8 * cA) + chunk_perm<KIND>(pA);
-      const int dB = 8 * (g + 8 * cB) + chunk_perm<KIND>(pB);
+      int dA, dB;
+      o_cols(mt, dA, dB);
       float* ob = cO + (warp * 16 + 8 * hh + 2 * tid) * D;
       ob[dA] = o[hh][mt][0] * o_unit;
       ob[D + dA] = o[hh][mt][1] * o_unit;
@@ -855,6 +1092,7 @@ __global__ void __launch_bounds__(128, D * NT > 128 ? 1 : KIND == KIND_INT4 ? CU
       }
     }
     const i64 hq = (i64)b * n_heads + h0 + head;
+    const int split = head_major ? blockIdx.y : blockIdx.x;
     if (direct) {
       out[hq * D + d] = f32_to_bf16(M == CUKV_NEG_INF ? 0.0f : acc / l);
       if (d == 0) lse[hq] = M == CUKV_NEG_INF ? CUKV_NEG_INF : M * CUKV_LN2 + logf(l);
@@ -870,31 +1108,27 @@ __global__ void __launch_bounds__(128, D * NT > 128 ? 1 : KIND == KIND_INT4 ? CU
 }
 
 // ------------------------------------------------------------------------------------ merge
-// part_a: float32 [B, S, N_H, D] (unnormalised a_s); part_ml: float32 [B, 2, S, N_H] (m_s natural
-// log units, l_s). out = sum_s e^(m_s - m) a_s / sum_s e^(m_s - m) l_s; lse = m + ln(l).
-// One block per (lane, query head): warp 0 reduces m and l over the splits (lane-strided, fixed
-// order: deterministic), the split weights e^(m_s - m) go through shared memory in chunks of
-// MERGE_CHUNK, and thread d sums its column with independent loads (4 splits per step).
+// out = sum_s e^(m_s - m) a_s / sum_s e^(m_s - m) l_s; lse = m + ln(l), over `count` partials of one
+// (lane, query head): a_s = arow[s * astep + d] (unnormalised), m_s = mrow[s * mstep] (natural log
+// units), l_s = lrow[s * mstep]. One block: warp 0 reduces m and l over the partials (lane-strided,
+// fixed order: deterministic), the weights e^(m_s - m) go through shared memory in chunks of
+// MERGE_CHUNK, and thread d sums its column with independent loads (4 partials per step).
 #define MERGE_CHUNK 256
-__global__ void decode_attn_merge(const float* __restrict__ part_a, const float* __restrict__ part_ml,
-                                  int n_heads, int num_splits, int D, u16* __restrict__ out,
-                                  float* __restrict__ lse) {
+__device__ __forceinline__ void merge_partials(const float* __restrict__ arow, i64 astep,
+                                               const float* __restrict__ mrow, const float* __restrict__ lrow,
+                                               i64 mstep, int count, int D, u16* __restrict__ orow,
+                                               float* __restrict__ lse_out) {
   __shared__ float wsh[MERGE_CHUNK];
   __shared__ float ML[2];
-  const i64 bh = blockIdx.x;
-  const i64 b = bh / n_heads;
-  const int h = (int)(bh - b * n_heads);
-  const float* mrow = part_ml + (b * 2 + 0) * num_splits * (i64)n_heads + h;
-  const float* lrow = part_ml + (b * 2 + 1) * num_splits * (i64)n_heads + h;
   if (threadIdx.x < 32) {
     const int ln = threadIdx.x;
     float M = CUKV_NEG_INF;
-    for (int s = ln; s < num_splits; s += 32) M = fmaxf(M, mrow[(i64)s * n_heads]);
+    for (int s = ln; s < count; s += 32) M = fmaxf(M, mrow[(i64)s * mstep]);
 #pragma unroll
     for (int off = 16; off > 0; off >>= 1) M = fmaxf(M, __shfl_xor_sync(CUKV_FULL_MASK, M, off));
     float l = 0.0f;
     if (M != CUKV_NEG_INF)
-      for (int s = ln; s < num_splits; s += 32) l += __expf(mrow[(i64)s * n_heads] - M) * lrow[(i64)s * n_heads];
+      for (int s = ln; s < count; s += 32) l += __expf(mrow[(i64)s * mstep] - M) * lrow[(i64)s * mstep];
 #pragma unroll
     for (int off = 16; off > 0; off >>= 1) l += __shfl_xor_sync(CUKV_FULL_MASK, l, off);
     if (ln == 0) {
@@ -904,16 +1138,14 @@ __global__ void decode_attn_merge(const float* __restrict__ part_a, const float*
   }
   __syncthreads();
   const float M = ML[0], l = ML[1];
-  const float* arow = part_a + (b * num_splits * n_heads + h) * (i64)D;   // + s * n_heads * D + d
-  const i64 sstep = (i64)n_heads * D;
   float acc[(256 + 63) / 64];   // D <= 256, blockDim.x >= 64
 #pragma unroll
   for (int k = 0; k < (256 + 63) / 64; ++k) acc[k] = 0.0f;
   if (M != CUKV_NEG_INF) {
-    for (int c0 = 0; c0 < num_splits; c0 += MERGE_CHUNK) {
-      const int n = min(MERGE_CHUNK, num_splits - c0);
+    for (int c0 = 0; c0 < count; c0 += MERGE_CHUNK) {
+      const int n = min(MERGE_CHUNK, count - c0);
       for (int s = threadIdx.x; s < n; s += blockDim.x) {
-        const float ms = mrow[(i64)(c0 + s) * n_heads];
+        const float ms = mrow[(i64)(c0 + s) * mstep];
         wsh[s] = ms == CUKV_NEG_INF ? 0.0f : __expf(ms - M);
       }
       __syncthreads();
@@ -921,16 +1153,16 @@ __global__ void decode_attn_merge(const float* __restrict__ part_a, const float*
       for (int k = 0; k < (256 + 63) / 64; ++k) {
         const int d = threadIdx.x + k * blockDim.x;
         if (d < D) {
-          const float* col = arow + (i64)c0 * sstep + d;
+          const float* col = arow + (i64)c0 * astep + d;
           float a0 = 0.0f, a1 = 0.0f, a2 = 0.0f, a3 = 0.0f;
           int s = 0;
           for (; s + 4 <= n; s += 4) {
-            a0 += wsh[s] * col[(i64)s * sstep];
-            a1 += wsh[s + 1] * col[(i64)(s + 1) * sstep];
-            a2 += wsh[s + 2] * col[(i64)(s + 2) * sstep];
-            a3 += wsh[s + 3] * col[(i64)(s + 3) * sstep];
+            a0 += wsh[s] * col[(i64)s * astep];
+            a1 += wsh[s + 1] * col[(i64)(s + 1) * astep];
+            a2 += wsh[s + 2] * col[(i64)(s + 2) * astep];
+            a3 += wsh[s + 3] * col[(i64)(s + 3) * astep];
           }
-          for (; s < n; ++s) a0 += wsh[s] * col[(i64)s * sstep];
+          for (; s < n; ++s) a0 += wsh[s] * col[(i64)s * astep];
           acc[k] += (a0 + a1) + (a2 + a3);
         }
       }
@@ -940,7 +1172,49 @@ __global__ void decode_attn_merge(const float* __restrict__ part_a, const float*
 #pragma unroll
   for (int k = 0; k < (256 + 63) / 64; ++k) {
     const int d = threadIdx.x + k * blockDim.x;
-    if (d < D) out[bh * D + d] = f32_to_bf16(M == CUKV_NEG_INF ? 0.0f : acc[k] / l);
+    if (d < D) orow[d] = f32_to_bf16(M == CUKV_NEG_INF ? 0.0f : acc[k] / l);
   }
-  if (threadIdx.x == 0) lse[bh] = M == CUKV_NEG_INF ? CUKV_NEG_INF : M + logf(l);
+  if (threadIdx.x == 0) *lse_out = M == CUKV_NEG_INF ? CUKV_NEG_INF : M + logf(l);
+}
+
+// The split schedule: part_a float32 [B, S, N_H, D], part_ml float32 [B, 2, S, N_H]. One block per
+// (lane, query head).
+__global__ void decode_attn_merge(const float* __restrict__ part_a, const float* __restrict__ part_ml,
+                                  int n_heads, int num_splits, int D, u16* __restrict__ out,
+                                  float* __restrict__ lse) {
+  const i64 bh = blockIdx.x;
+  const i64 b = bh / n_heads;
+  const int h = (int)(bh - b * n_heads);
+  const float* mrow = part_ml + (b * 2 + 0) * num_splits * (i64)n_heads + h;
+  merge_partials(part_a + (b * num_splits * n_heads + h) * (i64)D, (i64)n_heads * D, mrow,
+                 mrow + num_splits * (i64)n_heads, n_heads, num_splits, D, out + bh * D, lse + bh);
+}
+
+// The stream schedule: lane b has its blocks [x0, x0 + nb) at x0 = cum[b] (nb = ceil(len_b / 16), N =
+// cum[B]); position stream k serves [k*N/PS, (k+1)*N/PS) (PS = min(n_streams, N)), so the
+// partials of (lane b, item hy) are those of the streams K(x0) .. K(x0 + nb - 1), K(x) = ((x + 1) * PS
+// - 1) / N, in slots (b + k) * n_items + hy of part_a [slots, hs, D] and part_ml [slots, 2, hs]. One
+// block per (lane, query head); a lane without keys has no partials (out 0, lse -inf).
+__global__ void decode_attn_merge_stream(const float* __restrict__ part_a, const float* __restrict__ part_ml,
+                                         const i64* __restrict__ cum, const int* __restrict__ seqlens,
+                                         int n_lanes, int n_heads, int n_kv, int capacity, int D, int n_streams,
+                                         u16* __restrict__ out, float* __restrict__ lse) {
+  const i64 bh = blockIdx.x;
+  const int b = (int)(bh / n_heads), h = (int)(bh - (i64)b * n_heads);
+  const int r = n_heads / n_kv, n_hg = (r + 15) >> 4, hs = min(16, r);
+  const int kvh = h / r, hl = h - kvh * r, hy = kvh * n_hg + (hl >> 4);
+  int n = seqlens[b];
+  n = n < 0 ? 0 : (n > capacity ? capacity : n);
+  const i64 nb = (n + 15) >> 4, n_items = n_kv * n_hg;
+  i64 slot = 0;
+  int count = 0;
+  if (nb > 0) {
+    const i64 N = cum[n_lanes], x0 = cum[b], PS = min((i64)n_streams, N);
+    const i64 k0 = ((x0 + 1) * PS - 1) / N, k1 = ((x0 + nb) * PS - 1) / N;
+    slot = ((i64)b + k0) * n_items + hy;
+    count = (int)(k1 - k0 + 1);
+  }
+  const float* mrow = part_ml + slot * 2 * hs + (hl & 15);
+  merge_partials(part_a + (slot * hs + (hl & 15)) * D, n_items * hs * D, mrow, mrow + hs, n_items * 2 * hs,
+                 count, D, out + bh * D, lse + bh);
 }
