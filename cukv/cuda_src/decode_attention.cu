@@ -6,8 +6,16 @@
 //   for all of them. KIND: 0 bf16, 1 fp8 (inline words, external int32 words, or fp8_head float32
 //   scales: `fp8_mode` 0/1/2), 2 int4 (G groups, `gshift` = log2(D/G)). NT = 1 for <= 8 query heads
 //   per KV head, 2 for 9..16 (the score and PV products then need two n-tiles of 8 heads).
-// decode_attn_merge: the log-sum-exp merge of the splits, one block per (lane, query head), in a
-//   fixed order (deterministic, no atomics).
+//   STREAM = 0: the split schedule above. STREAM = 1, 2 (fp8, sm_90 tensor copies): one wave of
+//   persistent CTAs; warp W = k * n_items + hy is item hy (KV head x head group) of position stream k,
+//   which takes the 16-key blocks [k*N/PS, (k+1)*N/PS) of all lanes' N blocks (ordered lane, block)
+//   through one pipeline, across lanes, writing one partial per lane it touches (decode_attn_merge_stream
+//   merges them). STREAM = 1: every warp has its own ring of per-head boxes. STREAM = 2 (`records`,
+//   4-8 KV heads of <= 16 query heads): a CTA is one stream, one warp per KV head, sharing a ring of
+//   whole token records (two boxes of 16 records per stage, K and V, issued by thread 0; full / empty
+//   mbarriers), so the DRAM reads are contiguous and each warp reads its head's rows in place.
+// decode_attn_merge, decode_attn_merge_stream: the log-sum-exp merge of the partials, one block per
+//   (lane, query head), in a fixed order (deterministic, no atomics).
 //
 // Memory layout read (SPEC §2, §3): row (i0, i1, h) of a cache starts at byte i0*cs0 + i1*cs1 + h*cs2;
 // contiguous caches use (i0, i1) = (b, t), paged ones (0, block_tables[b, t/S]*S + t%S). External fp8
