@@ -31,8 +31,7 @@ _STREAM_MAX_B = 512                   # the stream schedule's prologue scans eve
 _FAMILY = _compile.Family("decode_attention.cu", [
     *(_compile.expression("decode_attn", k, d, nt, 0) for k in (0, 1, 2) for d in HEAD_DIMS for nt in (1, 2)),
     *(_compile.expression("decode_attn", 1, d, nt, st) for st in (1, 2) for d in HEAD_DIMS for nt in (1, 2)),
-    _compile.expression("decode_attn_merge"),
-    _compile.expression("decode_attn_merge_stream"),
+    *(_compile.expression(m, nwm) for m in ("decode_attn_merge", "decode_attn_merge_stream") for nwm in (2, 8)),
 ], exact=False)
 
 
@@ -285,6 +284,12 @@ def _occupancy(kernel, smem: int, nw: int, smem_sm: int) -> int:
     return max(1, min(smem_sm // (smem + 1024), 65536 // (per_warp * nw), 32))
 
 
+def _merge_warps(partials: float) -> int:
+    """Warps per merge block: 8 where a (lane, head) has many partials (the loop over them is latency
+    bound; H100 B1: 132 partials merged in about 5 us, not 20), else 2 (many small blocks per SM)."""
+    return 8 if partials >= 16 else 2
+
+
 def _pick_copy_width(vals) -> int:
     for w in (16, 8, 4):
         if all(int(v) % w == 0 for v in vals):
@@ -471,15 +476,17 @@ def run(p: Plan, *, partials: bool = False, dots: bool = False, num_splits: int 
                  ctas=n_cta if stream else None)
     if stream:
         _compile.launch(kernel, (n_cta,), (32 * nw,), args, shared_mem=smem)
-        merge = _FAMILY.kernel("decode_attn_merge_stream")
-        _compile.launch(merge, (B * NH,), (128,), (pa, pm, cum, seq, i32(B), i32(NH), i32(nkv), i32(g.capacity),
+        nwm = _merge_warps(n_streams / B)
+        merge = _FAMILY.kernel("decode_attn_merge_stream", nwm)
+        _compile.launch(merge, (B * NH,), (32 * nwm,), (pa, pm, cum, seq, i32(B), i32(NH), i32(nkv), i32(g.capacity),
                                                    i32(D), i32(n_streams), out, lse))
         return out, lse, None, None, dt
     grid = (nkv * cfg.n_hg, S, B) if hm else (S, nkv * cfg.n_hg, B)
     _compile.launch(kernel, grid, (32 * cfg.nw,), args, shared_mem=smem)
     if use_parts:
-        merge = _FAMILY.kernel("decode_attn_merge")
-        _compile.launch(merge, (B * NH,), (128,), (pa, pm, i32(NH), i32(S), i32(D), out, lse))
+        nwm = _merge_warps(S)
+        merge = _FAMILY.kernel("decode_attn_merge", nwm)
+        _compile.launch(merge, (B * NH,), (32 * nwm,), (pa, pm, i32(NH), i32(S), i32(D), out, lse))
     return out, lse, pa, pm, dt
 
 

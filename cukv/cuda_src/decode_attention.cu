@@ -445,9 +445,6 @@ __global__ void __launch_bounds__(STREAM == 2 ? 256 : 128,
       hs_v = reinterpret_cast<const float*>(qpv)[(i64)b * n_kv + kvh];
     }
   };
-  if (!STREAM) load_q(threadIdx.x, blockDim.x);
-  else if (my_n > 0) load_q(lane, 32);
-  load_hs();
 
   // ---- this warp's pipeline
   // (records: one ring for the CTA, STREAM == 2; its full / empty mbarriers after the last stage)
@@ -740,14 +737,20 @@ __global__ void __launch_bounds__(STREAM == 2 ? 256 : 128,
   };
   if (STREAM) stream_pads();
   Cursor ic = cc;   // stream: the block issued next
-
-  __syncthreads();   // q fragments ready
-
+  // the first copies go out before the q fragments load (records: thread 0 initialised the barriers)
+  auto first_issues = [&]() {
 #pragma unroll
-  for (int s = 0; s < STAGES - 1; ++s) {
-    issue(s, s, ic);
-    if (STREAM) advance(ic);
-  }
+    for (int s = 0; s < STAGES - 1; ++s) {
+      issue(s, s, ic);
+      if (STREAM) advance(ic);
+    }
+  };
+  if (STREAM == 2) first_issues();
+  if (!STREAM) load_q(threadIdx.x, blockDim.x);
+  else if (my_n > 0) load_q(lane, 32);
+  load_hs();
+  __syncthreads();   // q fragments ready (and the barriers initialised)
+  if (STREAM != 2) first_issues();
 
   for (int j = 0; j < my_n; ++j) {
     issue(j + STAGES - 1, (j + STAGES - 1) % STAGES, ic);
@@ -1118,75 +1121,124 @@ __global__ void __launch_bounds__(STREAM == 2 ? 256 : 128,
 // ------------------------------------------------------------------------------------ merge
 // out = sum_s e^(m_s - m) a_s / sum_s e^(m_s - m) l_s; lse = m + ln(l), over `count` partials of one
 // (lane, query head): a_s = arow[s * astep + d] (unnormalised), m_s = mrow[s * mstep] (natural log
-// units), l_s = lrow[s * mstep]. One block: warp 0 reduces m and l over the partials (lane-strided,
-// fixed order: deterministic), the weights e^(m_s - m) go through shared memory in chunks of
-// MERGE_CHUNK, and thread d sums its column with independent loads (4 partials per step).
-#define MERGE_CHUNK 256
+// units), l_s = lrow[s * mstep]. One block of NWM warps (2, or 8 where many partials are expected):
+// every thread folds the (m, l) of its partials s = tid, tid + 32 NWM, .. online, a block reduction
+// gives m and l, the weights
+// e^(m_s - m) go through shared memory (MERGE_CHUNK at a time), and warp w sums the partials
+// s = w (mod warps), lane k holding the D/32 columns from k*D/32 (vector loads, 4 partials in flight),
+// then the warps' sums are added in shared memory. Fixed order throughout: deterministic. (The loop
+// over partials is latency-bound: the warps split it so that 132 partials take 5 rounds, not 33.)
+#define MERGE_CHUNK 1024
+template <int V>   // floats per lane: D / 32
+__device__ __forceinline__ void ld_cols(const float* p, float (&x)[V]) {
+  if (V == 2) {
+    const float2 t = *reinterpret_cast<const float2*>(p);
+    x[0] = t.x; x[1] = t.y;
+  } else {
+#pragma unroll
+    for (int k = 0; k < V; k += 4) {
+      const float4 t = *reinterpret_cast<const float4*>(p + k);
+      x[k] = t.x; x[k + 1] = t.y; x[k + 2] = t.z; x[k + 3] = t.w;
+    }
+  }
+}
+
+template <int NWM, int V>
+__device__ __forceinline__ void merge_cols(const float* __restrict__ arow, i64 astep, const float* wsh, int n,
+                                           int warp, int lane, float* acc) {
+  const float* col = arow + lane * V;
+  int s = warp;
+  for (; s + 3 * NWM < n; s += 4 * NWM) {
+    float x0[V], x1[V], x2[V], x3[V];
+    ld_cols<V>(col + (i64)s * astep, x0);
+    ld_cols<V>(col + (i64)(s + NWM) * astep, x1);
+    ld_cols<V>(col + (i64)(s + 2 * NWM) * astep, x2);
+    ld_cols<V>(col + (i64)(s + 3 * NWM) * astep, x3);
+    const float w0 = wsh[s], w1 = wsh[s + NWM], w2 = wsh[s + 2 * NWM], w3 = wsh[s + 3 * NWM];
+#pragma unroll
+    for (int k = 0; k < V; ++k) acc[k] += (w0 * x0[k] + w1 * x1[k]) + (w2 * x2[k] + w3 * x3[k]);
+  }
+  for (; s < n; s += NWM) {
+    float x0[V];
+    ld_cols<V>(col + (i64)s * astep, x0);
+#pragma unroll
+    for (int k = 0; k < V; ++k) acc[k] += wsh[s] * x0[k];
+  }
+}
+
+// the weighted column sums of this warp's partials -> wsum[D] (weights e^(m_s - M) via wsh)
+template <int NWM, int V>
+__device__ __forceinline__ void merge_columns(const float* __restrict__ arow, i64 astep,
+                                              const float* __restrict__ mrow, i64 mstep, int count, float M,
+                                              float* wsh, float* wsum) {
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  float acc[V];
+#pragma unroll
+  for (int k = 0; k < V; ++k) acc[k] = 0.0f;
+  if (M != CUKV_NEG_INF) {
+    for (int c0 = 0; c0 < count; c0 += MERGE_CHUNK) {
+      const int n = min(MERGE_CHUNK, count - c0);
+      for (int s = tid; s < n; s += 32 * NWM) {
+        const float ms = mrow[(i64)(c0 + s) * mstep];
+        wsh[s] = ms == CUKV_NEG_INF ? 0.0f : __expf(ms - M);
+      }
+      __syncthreads();
+      merge_cols<NWM, V>(arow + (i64)c0 * astep, astep, wsh, n, warp, lane, acc);
+      __syncthreads();
+    }
+  }
+#pragma unroll
+  for (int k = 0; k < V; ++k) wsum[lane * V + k] = acc[k];
+}
+
+template <int NWM>
 __device__ __forceinline__ void merge_partials(const float* __restrict__ arow, i64 astep,
                                                const float* __restrict__ mrow, const float* __restrict__ lrow,
                                                i64 mstep, int count, int D, u16* __restrict__ orow,
                                                float* __restrict__ lse_out) {
   __shared__ float wsh[MERGE_CHUNK];
-  __shared__ float ML[2];
-  if (threadIdx.x < 32) {
-    const int ln = threadIdx.x;
-    float M = CUKV_NEG_INF;
-    for (int s = ln; s < count; s += 32) M = fmaxf(M, mrow[(i64)s * mstep]);
-#pragma unroll
-    for (int off = 16; off > 0; off >>= 1) M = fmaxf(M, __shfl_xor_sync(CUKV_FULL_MASK, M, off));
-    float l = 0.0f;
-    if (M != CUKV_NEG_INF)
-      for (int s = ln; s < count; s += 32) l += __expf(mrow[(i64)s * mstep] - M) * lrow[(i64)s * mstep];
-#pragma unroll
-    for (int off = 16; off > 0; off >>= 1) l += __shfl_xor_sync(CUKV_FULL_MASK, l, off);
-    if (ln == 0) {
-      ML[0] = M;
-      ML[1] = l;
-    }
+  __shared__ float sums[NWM][256];
+  __shared__ float rm[NWM], rl[NWM];
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  // (m, l) of this thread's partials, online; then the block's
+  float m = CUKV_NEG_INF, l = 0.0f;
+  for (int s = tid; s < count; s += 32 * NWM) {
+    const float ms = mrow[(i64)s * mstep], ls = lrow[(i64)s * mstep];
+    const float mn = fmaxf(m, ms);
+    if (mn != CUKV_NEG_INF) l = l * __expf(m - mn) + ls * __expf(ms - mn);
+    m = mn;
   }
+  float M = m;
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) M = fmaxf(M, __shfl_xor_sync(CUKV_FULL_MASK, M, off));
+  if (lane == 0) rm[warp] = M;
   __syncthreads();
-  const float M = ML[0], l = ML[1];
-  float acc[(256 + 63) / 64];   // D <= 256, blockDim.x >= 64
+  M = rm[0];
 #pragma unroll
-  for (int k = 0; k < (256 + 63) / 64; ++k) acc[k] = 0.0f;
-  if (M != CUKV_NEG_INF) {
-    for (int c0 = 0; c0 < count; c0 += MERGE_CHUNK) {
-      const int n = min(MERGE_CHUNK, count - c0);
-      for (int s = threadIdx.x; s < n; s += blockDim.x) {
-        const float ms = mrow[(i64)(c0 + s) * mstep];
-        wsh[s] = ms == CUKV_NEG_INF ? 0.0f : __expf(ms - M);
-      }
-      __syncthreads();
+  for (int w = 1; w < NWM; ++w) M = fmaxf(M, rm[w]);
+  float lw = M == CUKV_NEG_INF || m == CUKV_NEG_INF ? 0.0f : l * __expf(m - M);
 #pragma unroll
-      for (int k = 0; k < (256 + 63) / 64; ++k) {
-        const int d = threadIdx.x + k * blockDim.x;
-        if (d < D) {
-          const float* col = arow + (i64)c0 * astep + d;
-          float a0 = 0.0f, a1 = 0.0f, a2 = 0.0f, a3 = 0.0f;
-          int s = 0;
-          for (; s + 4 <= n; s += 4) {
-            a0 += wsh[s] * col[(i64)s * astep];
-            a1 += wsh[s + 1] * col[(i64)(s + 1) * astep];
-            a2 += wsh[s + 2] * col[(i64)(s + 2) * astep];
-            a3 += wsh[s + 3] * col[(i64)(s + 3) * astep];
-          }
-          for (; s < n; ++s) a0 += wsh[s] * col[(i64)s * astep];
-          acc[k] += (a0 + a1) + (a2 + a3);
-        }
-      }
-      __syncthreads();
-    }
+  for (int off = 16; off > 0; off >>= 1) lw += __shfl_xor_sync(CUKV_FULL_MASK, lw, off);
+  if (lane == 0) rl[warp] = lw;
+  if (D == 64) merge_columns<NWM, 2>(arow, astep, mrow, mstep, count, M, wsh, sums[warp]);
+  else if (D == 128) merge_columns<NWM, 4>(arow, astep, mrow, mstep, count, M, wsh, sums[warp]);
+  else merge_columns<NWM, 8>(arow, astep, mrow, mstep, count, M, wsh, sums[warp]);
+  __syncthreads();
+  float L = 0.0f;
+#pragma unroll
+  for (int w = 0; w < NWM; ++w) L += rl[w];
+  for (int d = tid; d < D; d += 32 * NWM) {
+    float t = 0.0f;
+#pragma unroll
+    for (int w = 0; w < NWM; ++w) t += sums[w][d];
+    orow[d] = f32_to_bf16(M == CUKV_NEG_INF ? 0.0f : t / L);
   }
-#pragma unroll
-  for (int k = 0; k < (256 + 63) / 64; ++k) {
-    const int d = threadIdx.x + k * blockDim.x;
-    if (d < D) orow[d] = f32_to_bf16(M == CUKV_NEG_INF ? 0.0f : acc[k] / l);
-  }
-  if (threadIdx.x == 0) *lse_out = M == CUKV_NEG_INF ? CUKV_NEG_INF : M + logf(l);
+  if (tid == 0) *lse_out = M == CUKV_NEG_INF ? CUKV_NEG_INF : M + logf(L);
 }
 
 // The split schedule: part_a float32 [B, S, N_H, D], part_ml float32 [B, 2, S, N_H]. One block per
-// (lane, query head).
+// (lane, query head) of 32 NWM threads.
+template <int NWM>
 __global__ void decode_attn_merge(const float* __restrict__ part_a, const float* __restrict__ part_ml,
                                   int n_heads, int num_splits, int D, u16* __restrict__ out,
                                   float* __restrict__ lse) {
@@ -1194,7 +1246,7 @@ __global__ void decode_attn_merge(const float* __restrict__ part_a, const float*
   const i64 b = bh / n_heads;
   const int h = (int)(bh - b * n_heads);
   const float* mrow = part_ml + (b * 2 + 0) * num_splits * (i64)n_heads + h;
-  merge_partials(part_a + (b * num_splits * n_heads + h) * (i64)D, (i64)n_heads * D, mrow,
+  merge_partials<NWM>(part_a + (b * num_splits * n_heads + h) * (i64)D, (i64)n_heads * D, mrow,
                  mrow + num_splits * (i64)n_heads, n_heads, num_splits, D, out + bh * D, lse + bh);
 }
 
@@ -1202,7 +1254,8 @@ __global__ void decode_attn_merge(const float* __restrict__ part_a, const float*
 // cum[B]); position stream k serves [k*N/PS, (k+1)*N/PS) (PS = min(n_streams, N)), so the
 // partials of (lane b, item hy) are those of the streams K(x0) .. K(x0 + nb - 1), K(x) = ((x + 1) * PS
 // - 1) / N, in slots (b + k) * n_items + hy of part_a [slots, hs, D] and part_ml [slots, 2, hs]. One
-// block per (lane, query head); a lane without keys has no partials (out 0, lse -inf).
+// block of 32 NWM threads per (lane, query head); a lane without keys has no partials (out 0, lse -inf).
+template <int NWM>
 __global__ void decode_attn_merge_stream(const float* __restrict__ part_a, const float* __restrict__ part_ml,
                                          const i64* __restrict__ cum, const int* __restrict__ seqlens,
                                          int n_lanes, int n_heads, int n_kv, int capacity, int D, int n_streams,
@@ -1223,6 +1276,6 @@ __global__ void decode_attn_merge_stream(const float* __restrict__ part_a, const
     count = (int)(k1 - k0 + 1);
   }
   const float* mrow = part_ml + slot * 2 * hs + (hl & 15);
-  merge_partials(part_a + (slot * hs + (hl & 15)) * D, n_items * hs * D, mrow, mrow + hs, n_items * 2 * hs,
+  merge_partials<NWM>(part_a + (slot * hs + (hl & 15)) * D, n_items * hs * D, mrow, mrow + hs, n_items * 2 * hs,
                  count, D, out + bh * D, lse + bh);
 }
