@@ -81,12 +81,15 @@ def bench_decode(ctx):
             ck, cv = caches[fmt]
             fn = lambda: cukv.decode_attention(q, ck, cv, seq, fmt=fmt, validate=False)  # noqa: E731
             o = fn()
+            sched = dict(ad._LAST)   # the schedule this call ran (split, stream or records)
             ms = ctx.time(fn)
             nbytes = ck.nbytes + cv.nbytes + 2 * q.nbytes
             p = ad.prepare("bench", q, ck, cv, seq, fmt=fmt, qparam_k=None, qparam_v=None,
                            block_tables=None, page_size=64, softmax_scale=None, num_splits=None,
                            validate=False, check_finite=False)
-            extra = {"splits": ad.config(p).num_splits, "x_sdpa": None if not sdpa else round(ms / sdpa, 3),
+            run_as = (f"{sched['schedule']} ({sched['ctas']} CTAs)" if sched.get("ctas")
+                      else f"split, splits={ad.config(p).num_splits}")
+            extra = {"schedule": run_as, "x_sdpa": None if not sdpa else round(ms / sdpa, 3),
                      "bar": BAR[fmt], "sdpa_layout": how}
             if ref_out is not None:   # same N(0,1) draws in every format: quantization error only
                 extra["max_abs_vs_sdpa"] = round(float(cp.abs(o.astype(np.float32)
