@@ -430,26 +430,32 @@ def run(p: Plan, *, partials: bool = False, dots: bool = False, num_splits: int 
     stream = (fast == 3 and cfg.auto and not partials and B <= _STREAM_MAX_B and _KIND[kind] == 1
               and _TUNE.get("stream", True))
     nw, records = cfg.nw, False
-    if stream:
+    if stream:   # (the launch state changes only once the schedule is certain)
         r = NH // nkv
         n_items = nkv * cfg.n_hg
         n_sm, smem_sm, _, _ = _device_info(cp)
         n_max = B * (-(-g.capacity // 16))                 # blocks of one item at full capacity
+        rmaps = None
         if cfg.n_hg == 1 and 4 <= nkv <= 8 and _TUNE.get("records", True):
             pitch = _record_pitch(cs1)
             mk = _tensor_map(pk, cs1, int(ck.shape[1]), B, pitch, elem=8) if pitch <= 2048 else None
             mv = _tensor_map(pv, cs1, int(ck.shape[1]), B, pitch, elem=8) if mk is not None else None
-            if mv is not None:
-                records, tk, tv, nw = True, mk, mv, nkv
+            rmaps = (mk, mv) if mv is not None else None
+        records = rmaps is not None
+        s_nw = nkv if records else cfg.nw
+        s_smem = (s_nw * 32 * D + _TUNE.get("rec_stages", _STAGES_REC) * (32 * pitch + 16) if records
+                  else _smem(D, s_nw, warp_bytes, stream=True))
+        s_kernel = _FAMILY.kernel("decode_attn", _KIND[kind], D, 1 if r <= 8 else 2, 2 if records else 1)
+        occ = min(_occupancy(s_kernel, s_smem, s_nw, smem_sm), _TUNE.get("stream_occ", 1 if records else 2))
+        n_streams = min(n_sm * occ * s_nw // n_items, -(-n_max // 4))   # >= 4 blocks per warp
+        stream = n_streams >= 1
+        records = records and stream
+        if stream:
+            kernel, smem, nw = s_kernel, s_smem, s_nw
+            if records:
+                tk, tv = rmaps
                 sK = sV = pitch
                 stage_bytes = warp_bytes = 32 * pitch
-                smem = nw * 32 * D + _TUNE.get("rec_stages", _STAGES_REC) * (stage_bytes + 16)
-        kernel = _FAMILY.kernel("decode_attn", _KIND[kind], D, 1 if r <= 8 else 2, 2 if records else 1)
-        if not records:
-            smem = _smem(D, nw, warp_bytes, stream=True)
-        occ = min(_occupancy(kernel, smem, nw, smem_sm), _TUNE.get("stream_occ", 1 if records else 2))
-        n_streams = min(n_sm * occ * nw // n_items, -(-n_max // 4))   # >= 4 blocks per warp
-        stream = n_streams >= 1
     if stream:
         n_warps, hs = n_streams * n_items, min(16, r)
         n_cta = -(-n_warps // nw)
