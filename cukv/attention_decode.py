@@ -24,8 +24,9 @@ _STAGES_REC = 2                       # the records ring (CUKV_DA_STAGES_REC)
 _SMEM_TARGET = 112 * 1024             # per CTA: two CTAs fit one H100 SM
 _MAX_AUTO_SPLITS = 128
 _TUNE: dict = {}                      # tuning overrides (benchmarks only): nw, smem_target, head_major, occ,
-                                      # tma, stream, stream_occ, l2_promotion
-_LAST: dict = {}                      # the last launch's schedule ("split" / "stream"; tests read it)
+                                      # tma, stream, records, stream_occ, l2_promotion
+_LAST: dict = {}                      # the last launch's schedule ("split" / "stream" / "records") and
+                                      # CTA count (tests and scripts/bench_decode.py read it)
 
 _STREAM_MAX_B = 512                   # the stream schedule's prologue scans every lane's length per CTA
 _FAMILY = _compile.Family("decode_attention.cu", [
@@ -235,12 +236,10 @@ def _layout(kind: str, fmt_g: int, D: int, R_bytes: int, external: bool):
     hdr = {"bf16": 0, "fp8": 0 if external else 4, "fp8_head": 0, "int4": 4 * fmt_g}[kind]
     pad = (-hdr) % 16
     shift = pad if kind == "bf16" else max(pad, 12)      # bf16 rows take the fast copy only when 16-aligned
-    lines = -(-(shift + R_bytes) // 16)
     if kind == "bf16":
-        lines += 1                                        # bank skew for the LDS.128 reads
-    elif lines % 2 == 0:
-        lines += 1                                        # odd: conflict-free interleaved K word reads
-    slot = 16 * lines
+        slot = 16 * (-(-(shift + R_bytes) // 16) + 1)     # bank skew for the LDS.128 reads
+    else:
+        slot = _odd_lines(shift + R_bytes)                # conflict-free interleaved K word reads
     stages = _STAGES[_KIND[kind]]
     stage_bytes, warp_bytes = _ring(slot, stages)
     return pad, hdr, slot, slot, stage_bytes, warp_bytes, stages
@@ -255,12 +254,18 @@ def _ring(slot: int, stages: int, tma: bool = False) -> tuple[int, int]:
     return stage_bytes, -(-(stages * stage_bytes + 256 + 16 + extra) // align) * align
 
 
+def _odd_lines(nbytes: int) -> int:
+    """``nbytes`` rounded up to an odd number of 16-byte lines: rows at this pitch put the interleaved
+    K word reads of keys g = 0..7 (see ``k_elem`` in the .cu) in 32 different banks."""
+    lines = -(-nbytes // 16)
+    return 16 * (lines + 1 - lines % 2)
+
+
 def _tma_box(R_bytes: int, n_kv: int) -> int:
     """Bytes per row of a tensor-copy box: from the 16-byte boundary at or before any head's row (the
     TMA engine needs 16-byte-aligned box starts) to past its end, an odd number of 16-byte lines
     (conflict-free K word reads, see :func:`_layout`). Row h of a record starts at h * R_bytes."""
-    lines = max(-(-((h * R_bytes) % 16 + R_bytes) // 16) for h in range(min(n_kv, 4)))
-    return 16 * (lines + 1 - lines % 2)
+    return _odd_lines(max((h * R_bytes) % 16 + R_bytes for h in range(min(n_kv, 4))))
 
 
 def _record_pitch(rec: int) -> int:
@@ -271,10 +276,7 @@ def _record_pitch(rec: int) -> int:
     0.2132 ms at B64 T4096, the padded one 0.2150 ms (copy-only probe: 92.4% of copy against 89.3%);
     reading the words of keys 4-7 rotated to avoid the 2-way conflicts gained nothing measurable."""
     words = rec // 4
-    if words % 8 == 4 or words % 16 == 8:
-        return rec
-    lines = -(-rec // 16)
-    return 16 * (lines + 1 - lines % 2)
+    return rec if words % 8 == 4 or words % 16 == 8 else _odd_lines(rec)
 
 
 def _smem(D: int, nw: int, warp_bytes: int, stream: bool = False) -> int:
@@ -438,12 +440,12 @@ def run(p: Plan, *, partials: bool = False, dots: bool = False, num_splits: int 
         rmaps = None
         if cfg.n_hg == 1 and 4 <= nkv <= 8 and _TUNE.get("records", True):
             pitch = _record_pitch(cs1)
-            mk = _tensor_map(pk, cs1, int(ck.shape[1]), B, pitch, elem=8) if pitch <= 2048 else None
-            mv = _tensor_map(pv, cs1, int(ck.shape[1]), B, pitch, elem=8) if mk is not None else None
+            mk = _tensor_map(pk, cs1, T, B, pitch, elem=8) if pitch <= 2048 else None
+            mv = _tensor_map(pv, cs1, T, B, pitch, elem=8) if mk is not None else None
             rmaps = (mk, mv) if mv is not None else None
         records = rmaps is not None
         s_nw = nkv if records else cfg.nw
-        s_smem = (s_nw * 32 * D + _TUNE.get("rec_stages", _STAGES_REC) * (32 * pitch + 16) if records
+        s_smem = (s_nw * 32 * D + _STAGES_REC * (32 * pitch + 16) if records
                   else _smem(D, s_nw, warp_bytes, stream=True))
         s_kernel = _FAMILY.kernel("decode_attn", _KIND[kind], D, 1 if r <= 8 else 2, 2 if records else 1)
         occ = min(_occupancy(s_kernel, s_smem, s_nw, smem_sm), _TUNE.get("stream_occ", 1 if records else 2))

@@ -1123,11 +1123,11 @@ __global__ void __launch_bounds__(STREAM == 2 ? 256 : 128,
 // (lane, query head): a_s = arow[s * astep + d] (unnormalised), m_s = mrow[s * mstep] (natural log
 // units), l_s = lrow[s * mstep]. One block of NWM warps (2, or 8 where many partials are expected):
 // every thread folds the (m, l) of its partials s = tid, tid + 32 NWM, .. online, a block reduction
-// gives m and l, the weights
-// e^(m_s - m) go through shared memory (MERGE_CHUNK at a time), and warp w sums the partials
-// s = w (mod warps), lane k holding the D/32 columns from k*D/32 (vector loads, 4 partials in flight),
-// then the warps' sums are added in shared memory. Fixed order throughout: deterministic. (The loop
-// over partials is latency-bound: the warps split it so that 132 partials take 5 rounds, not 33.)
+// gives m and l, the weights e^(m_s - m) go through shared memory (MERGE_CHUNK at a time), and warp w
+// sums the partials s = w (mod warps), lane k holding the D/32 columns from k*D/32 (vector loads, 4
+// partials in flight), then the warps' sums are added in shared memory. Fixed order throughout:
+// deterministic. (The loop over partials is latency-bound: the warps split it so that 132 partials
+// take 5 rounds, not 33.)
 #define MERGE_CHUNK 1024
 template <int V>   // floats per lane: D / 32
 __device__ __forceinline__ void ld_cols(const float* p, float (&x)[V]) {
