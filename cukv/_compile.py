@@ -170,9 +170,14 @@ def _cached_cubin(fam: Family, expr: str, arch: str) -> tuple[Path, str]:
     return cub, lowered[expr]
 
 
-def launch(kernel, grid, block, args, shared_mem: int = 0) -> None:
+def launch(kernel, grid, block, args, shared_mem: int = 0, *, pdl: bool = False) -> None:
     """Launch on CuPy's current stream. Scalars must be NumPy scalars (``np.int32(...)``):
-    a Python float passed to a ``float`` parameter would arrive as 0.0."""
+    a Python float passed to a ``float`` parameter would arrive as 0.0.
+
+    ``pdl``: a programmatic dependent launch (``cuLaunchKernelEx``, sm_90+): the kernel may start
+    while the kernel before it on the stream still runs, once that one triggers (or ends), and must
+    ``griddepcontrol.wait`` before reading what it wrote. Falls back to a plain launch where the driver
+    refuses it (older GPUs or drivers)."""
     for a in args:
         if isinstance(a, (int, float, bool)) and not isinstance(a, np.generic):  # np.float64 is a float
             raise TypeError(f"cukv internal error: kernel scalar {a!r} must be a numpy scalar")
@@ -183,7 +188,66 @@ def launch(kernel, grid, block, args, shared_mem: int = 0) -> None:
         return
     if shared_mem > 48 * 1024:
         kernel.max_dynamic_shared_size_bytes = int(shared_mem)
+    if pdl and _launch_pdl(kernel, grid, block, args, int(shared_mem)):
+        return
     kernel(grid, block, tuple(args), shared_mem=int(shared_mem))
+
+
+_PDL: list = []   # [(cuLaunchKernelEx, LaunchAttr, LaunchConfig) or None], loaded on first use
+
+
+def _pdl_api():
+    if not _PDL:
+        import ctypes  # noqa: PLC0415
+
+        api = None
+        try:
+            fn = ctypes.CDLL("libcuda.so.1").cuLaunchKernelEx
+            fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+            fn.restype = ctypes.c_int
+
+            class Attr(ctypes.Structure):      # CUlaunchAttribute
+                _fields_ = [("id", ctypes.c_int), ("pad", ctypes.c_char * 4), ("value", ctypes.c_int * 16)]
+
+            class Config(ctypes.Structure):    # CUlaunchConfig
+                _fields_ = [("dims", ctypes.c_uint * 6), ("shared_mem", ctypes.c_uint), ("stream", ctypes.c_void_p),
+                            ("attrs", ctypes.POINTER(Attr)), ("n_attrs", ctypes.c_uint)]
+
+            api = (fn, Attr, Config)
+        except (OSError, AttributeError):
+            api = None
+        _PDL.append(api)
+    return _PDL[0]
+
+
+def _launch_pdl(kernel, grid, block, args, shared_mem: int) -> bool:
+    """``launch(..., pdl=True)``; False (nothing launched) where it cannot be done."""
+    import ctypes  # noqa: PLC0415
+
+    api = _pdl_api()
+    func = getattr(getattr(kernel, "kernel", None), "ptr", None)
+    if api is None or not func:
+        return False
+    cp = _backend.cupy()
+    vals = []
+    for a in args:
+        if isinstance(a, cp.ndarray):
+            vals.append(ctypes.c_uint64(a.data.ptr))
+        elif isinstance(a, np.generic) and a.dtype.kind in "iuf" and a.dtype.itemsize in (4, 8):
+            vals.append(ctypes.create_string_buffer(a.tobytes(), a.dtype.itemsize))
+        else:
+            return False
+    fn, Attr, Config = api
+    attr = Attr(id=6)                 # CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
+    attr.value[0] = 1
+    cfg = Config(dims=(ctypes.c_uint * 6)(*(grid + (1,) * (3 - len(grid))), *(block + (1,) * (3 - len(block)))),
+                 shared_mem=shared_mem, stream=ctypes.c_void_p(cp.cuda.get_current_stream().ptr),
+                 attrs=ctypes.pointer(attr), n_attrs=1)
+    params = (ctypes.c_void_p * len(vals))(*(ctypes.addressof(v) for v in vals))
+    if fn(ctypes.byref(cfg), ctypes.c_void_p(func), params, None) != 0:
+        _PDL[0] = None                # refused (device or driver): plain launches from now on
+        return False
+    return True
 
 
 def families() -> dict[str, Family]:

@@ -14,8 +14,9 @@
 //   4-8 KV heads of <= 16 query heads): a CTA is one stream, one warp per KV head, sharing a ring of
 //   whole token records (two boxes of 16 records per stage, K and V, issued by thread 0; full / empty
 //   mbarriers), so the DRAM reads are contiguous and each warp reads its head's rows in place.
-// decode_attn_merge, decode_attn_merge_stream: the log-sum-exp merge of the partials, one block per
-//   (lane, query head), in a fixed order (deterministic, no atomics).
+// decode_attn_merge, decode_attn_merge_stream: the log-sum-exp merge of the partials, one warp per
+//   (lane, query head), or one block where a task has many partials, in a fixed order (deterministic, no
+//   atomics). Launched with PDL: the stream kernels let it start at once, and it waits for their end.
 //
 // Memory layout read (SPEC §2, §3): row (i0, i1, h) of a cache starts at byte i0*cs0 + i1*cs1 + h*cs2;
 // contiguous caches use (i0, i1) = (b, t), paged ones (0, block_tables[b, t/S]*S + t%S). External fp8
@@ -187,6 +188,20 @@ __device__ __forceinline__ void tma_load_3d(u32 dst, const Tmap* map, int c0, in
 #define CUKV_DA_TMA 0
 #endif
 
+// Programmatic dependent launch (sm_90+; no-ops where the merge is launched without it): the decode
+// kernel lets its merge launch at once (pdl_trigger), the merge waits for the decode grid to complete
+// and its writes to be visible before it reads the partials (pdl_wait).
+__device__ __forceinline__ void pdl_trigger() {
+#if __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_wait() {
+#if __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
 // ------------------------------------------------------------------------------------ formats
 template <int KIND, int D> struct Geo {
   static constexpr int CB = KIND == KIND_BF16 ? 16 : (KIND == KIND_FP8 ? 8 : 4);  // bytes of 8 elements
@@ -307,10 +322,11 @@ __global__ void __launch_bounds__(STREAM == 2 ? 256 : 128,
     int capacity, i64 cs0, i64 cs1, i64 cs2, i64 ws0, i64 ws1, i64 ws2, int R, int fp8_mode, int gshift,
     float scale_log2, int num_splits, int copy_w, int fast, int pad, int hdr, int sK, int sV, int stage_bytes,
     int warp_bytes, int head_major, u16* __restrict__ out, float* __restrict__ lse, float* __restrict__ part_a,
-    float* __restrict__ part_ml, float* __restrict__ dots, int dots_cap, int n_lanes, i64* __restrict__ cum,
+    float* __restrict__ part_ml, float* __restrict__ dots, int dots_cap, int n_lanes,
     const __grid_constant__ Tmap tmk, const __grid_constant__ Tmap tmv) {
   typedef Geo<KIND, D> G_;
   constexpr int KS = G_::KS, STAGES = STREAM == 2 ? CUKV_DA_STAGES_REC : G_::STAGES;
+  if (STREAM) pdl_trigger();   // one wave: the merge's blocks may take the SMs' spare slots now
   constexpr bool FOLD = KIND == KIND_FP8;   // V scale/shift folded into P / a per-head fp32 sum
   extern __shared__ __align__(16) u8 smem[];
   const u32 smem_s = smem_u32(smem);
@@ -388,7 +404,6 @@ __global__ void __launch_bounds__(STREAM == 2 ? 256 : 128,
         all += red[w];
       }
       const i64 ex = pre + incl - v;
-      if (blockIdx.x == 0 && bb < n_lanes) cum[bb] = ex;   // for the merge
       for (int w = 0; w < nw; ++w)
         if (v > 0 && ex <= sx[w] && sx[w] < ex + v) {
           sb[w] = bb;
@@ -397,7 +412,6 @@ __global__ void __launch_bounds__(STREAM == 2 ? 256 : 128,
       base = all;
       __syncthreads();
     }
-    if (blockIdx.x == 0 && threadIdx.x == 0) cum[n_lanes] = N;
     const int b0 = (int)sb[warp];
     const int hy0 = (int)(W - k * n_items);
     if (my_n > 0 && b0 >= 0) {
@@ -1120,15 +1134,13 @@ __global__ void __launch_bounds__(STREAM == 2 ? 256 : 128,
 
 // ------------------------------------------------------------------------------------ merge
 // out = sum_s e^(m_s - m) a_s / sum_s e^(m_s - m) l_s; lse = m + ln(l), over `count` partials of one
-// (lane, query head): a_s = arow[s * astep + d] (unnormalised), m_s = mrow[s * mstep] (natural log
-// units), l_s = lrow[s * mstep]. One block of NWM warps (2, or 8 where many partials are expected):
-// every thread folds the (m, l) of its partials s = tid, tid + 32 NWM, .. online, a block reduction
-// gives m and l, the weights e^(m_s - m) go through shared memory (MERGE_CHUNK at a time), and warp w
-// sums the partials s = w (mod warps), lane k holding the D/32 columns from k*D/32 (vector loads, 4
-// partials in flight), then the warps' sums are added in shared memory. Fixed order throughout:
-// deterministic. (The loop over partials is latency-bound: the warps split it so that 132 partials
-// take 5 rounds, not 33.)
-#define MERGE_CHUNK 1024
+// task (lane, query head): a_s = arow[s * astep + d] (unnormalised), m_s = mrow[s * mstep] (natural log
+// units), l_s = lrow[s * mstep]. A team merges a task: one warp (WIDE = false: a block serves NWM
+// tasks, no block barrier), or the NWM warps of a block (WIDE, many partials: warp w takes s = w, w +
+// NWM, ..). Lane k holds the V = D/32 columns from k*V of a row. The merge is latency-bound, so the
+// first CH rows of a warp are loaded before the (m, l) reduction needs them and every later chunk of
+// CH rows is loaded at once: with a few partials per task (the usual stream schedule) a task costs two
+// memory round trips. Fixed order throughout: deterministic.
 template <int V>   // floats per lane: D / 32
 __device__ __forceinline__ void ld_cols(const float* p, float (&x)[V]) {
   if (V == 2) {
@@ -1143,66 +1155,25 @@ __device__ __forceinline__ void ld_cols(const float* p, float (&x)[V]) {
   }
 }
 
-template <int NWM, int V>
-__device__ __forceinline__ void merge_cols(const float* __restrict__ arow, i64 astep, const float* wsh, int n,
-                                           int warp, int lane, float* acc) {
+template <int NWM, bool WIDE, int V>
+__device__ __forceinline__ void merge_task(const float* __restrict__ arow, i64 astep, const float* __restrict__ mrow,
+                                           const float* __restrict__ lrow, i64 mstep, int count,
+                                           u16* __restrict__ orow, float* __restrict__ lse_out) {
+  constexpr int CH = (V == 8 ? 4 : 8) * (WIDE ? 2 : 1);   // rows in flight per warp
+  __shared__ float red[WIDE ? 2 * NWM : 1];
+  __shared__ float sums[WIDE ? NWM : 1][WIDE ? 32 * V : 1];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int r0 = WIDE ? warp : 0, rs = WIDE ? NWM : 1;               // this warp's rows r0, r0 + rs, ..
+  const int t0 = WIDE ? threadIdx.x : lane, ts = WIDE ? 32 * NWM : 32;   // (m, l): s = t0, t0 + ts, ..
   const float* col = arow + lane * V;
-  int s = warp;
-  for (; s + 3 * NWM < n; s += 4 * NWM) {
-    float x0[V], x1[V], x2[V], x3[V];
-    ld_cols<V>(col + (i64)s * astep, x0);
-    ld_cols<V>(col + (i64)(s + NWM) * astep, x1);
-    ld_cols<V>(col + (i64)(s + 2 * NWM) * astep, x2);
-    ld_cols<V>(col + (i64)(s + 3 * NWM) * astep, x3);
-    const float w0 = wsh[s], w1 = wsh[s + NWM], w2 = wsh[s + 2 * NWM], w3 = wsh[s + 3 * NWM];
+  float x[CH][V];
 #pragma unroll
-    for (int k = 0; k < V; ++k) acc[k] += (w0 * x0[k] + w1 * x1[k]) + (w2 * x2[k] + w3 * x3[k]);
+  for (int j = 0; j < CH; ++j) {
+    const int s = r0 + j * rs;
+    if (s < count) ld_cols<V>(col + (i64)s * astep, x[j]);
   }
-  for (; s < n; s += NWM) {
-    float x0[V];
-    ld_cols<V>(col + (i64)s * astep, x0);
-#pragma unroll
-    for (int k = 0; k < V; ++k) acc[k] += wsh[s] * x0[k];
-  }
-}
-
-// the weighted column sums of this warp's partials -> wsum[D] (weights e^(m_s - M) via wsh)
-template <int NWM, int V>
-__device__ __forceinline__ void merge_columns(const float* __restrict__ arow, i64 astep,
-                                              const float* __restrict__ mrow, i64 mstep, int count, float M,
-                                              float* wsh, float* wsum) {
-  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-  float acc[V];
-#pragma unroll
-  for (int k = 0; k < V; ++k) acc[k] = 0.0f;
-  if (M != CUKV_NEG_INF) {
-    for (int c0 = 0; c0 < count; c0 += MERGE_CHUNK) {
-      const int n = min(MERGE_CHUNK, count - c0);
-      for (int s = tid; s < n; s += 32 * NWM) {
-        const float ms = mrow[(i64)(c0 + s) * mstep];
-        wsh[s] = ms == CUKV_NEG_INF ? 0.0f : __expf(ms - M);
-      }
-      __syncthreads();
-      merge_cols<NWM, V>(arow + (i64)c0 * astep, astep, wsh, n, warp, lane, acc);
-      __syncthreads();
-    }
-  }
-#pragma unroll
-  for (int k = 0; k < V; ++k) wsum[lane * V + k] = acc[k];
-}
-
-template <int NWM>
-__device__ __forceinline__ void merge_partials(const float* __restrict__ arow, i64 astep,
-                                               const float* __restrict__ mrow, const float* __restrict__ lrow,
-                                               i64 mstep, int count, int D, u16* __restrict__ orow,
-                                               float* __restrict__ lse_out) {
-  __shared__ float wsh[MERGE_CHUNK];
-  __shared__ float sums[NWM][256];
-  __shared__ float rm[NWM], rl[NWM];
-  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-  // (m, l) of this thread's partials, online; then the block's
   float m = CUKV_NEG_INF, l = 0.0f;
-  for (int s = tid; s < count; s += 32 * NWM) {
+  for (int s = t0; s < count; s += ts) {
     const float ms = mrow[(i64)s * mstep], ls = lrow[(i64)s * mstep];
     const float mn = fmaxf(m, ms);
     if (mn != CUKV_NEG_INF) l = l * __expf(m - mn) + ls * __expf(ms - mn);
@@ -1211,71 +1182,162 @@ __device__ __forceinline__ void merge_partials(const float* __restrict__ arow, i
   float M = m;
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1) M = fmaxf(M, __shfl_xor_sync(CUKV_FULL_MASK, M, off));
-  if (lane == 0) rm[warp] = M;
-  __syncthreads();
-  M = rm[0];
+  if (WIDE) {
+    if (lane == 0) red[warp] = M;
+    __syncthreads();
+    M = red[0];
 #pragma unroll
-  for (int w = 1; w < NWM; ++w) M = fmaxf(M, rm[w]);
-  float lw = M == CUKV_NEG_INF || m == CUKV_NEG_INF ? 0.0f : l * __expf(m - M);
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) lw += __shfl_xor_sync(CUKV_FULL_MASK, lw, off);
-  if (lane == 0) rl[warp] = lw;
-  if (D == 64) merge_columns<NWM, 2>(arow, astep, mrow, mstep, count, M, wsh, sums[warp]);
-  else if (D == 128) merge_columns<NWM, 4>(arow, astep, mrow, mstep, count, M, wsh, sums[warp]);
-  else merge_columns<NWM, 8>(arow, astep, mrow, mstep, count, M, wsh, sums[warp]);
-  __syncthreads();
-  float L = 0.0f;
-#pragma unroll
-  for (int w = 0; w < NWM; ++w) L += rl[w];
-  for (int d = tid; d < D; d += 32 * NWM) {
-    float t = 0.0f;
-#pragma unroll
-    for (int w = 0; w < NWM; ++w) t += sums[w][d];
-    orow[d] = f32_to_bf16(M == CUKV_NEG_INF ? 0.0f : t / L);
+    for (int w = 1; w < NWM; ++w) M = fmaxf(M, red[w]);
   }
-  if (tid == 0) *lse_out = M == CUKV_NEG_INF ? CUKV_NEG_INF : M + logf(L);
+  float L = M == CUKV_NEG_INF || m == CUKV_NEG_INF ? 0.0f : l * __expf(m - M);
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) L += __shfl_xor_sync(CUKV_FULL_MASK, L, off);
+  float acc[V];
+#pragma unroll
+  for (int k = 0; k < V; ++k) acc[k] = 0.0f;
+  if (M != CUKV_NEG_INF) {
+    for (int c = 0; c < count; c += CH * rs) {
+      if (c > 0) {
+#pragma unroll
+        for (int j = 0; j < CH; ++j) {
+          const int s = c + r0 + j * rs;
+          if (s < count) ld_cols<V>(col + (i64)s * astep, x[j]);
+        }
+      }
+#pragma unroll
+      for (int j = 0; j < CH; ++j) {
+        const int s = c + r0 + j * rs;
+        if (s < count) {
+          const float ms = mrow[(i64)s * mstep];
+          const float w = ms == CUKV_NEG_INF ? 0.0f : __expf(ms - M);
+#pragma unroll
+          for (int k = 0; k < V; ++k) acc[k] += w * x[j][k];
+        }
+      }
+    }
+  }
+  if (WIDE) {
+    if (lane == 0) red[NWM + warp] = L;
+#pragma unroll
+    for (int k = 0; k < V; ++k) sums[warp][lane * V + k] = acc[k];
+    __syncthreads();
+    L = 0.0f;
+#pragma unroll
+    for (int w = 0; w < NWM; ++w) L += red[NWM + w];
+    if (warp == 0) {
+#pragma unroll
+      for (int k = 0; k < V; ++k) {
+        float t = 0.0f;
+#pragma unroll
+        for (int w = 0; w < NWM; ++w) t += sums[w][lane * V + k];
+        acc[k] = t;
+      }
+    }
+  }
+  if (!WIDE || warp == 0) {
+#pragma unroll
+    for (int k = 0; k < V; k += 2)
+      *reinterpret_cast<u32*>(orow + lane * V + k) =
+          M == CUKV_NEG_INF ? 0u : pack_bf16x2(acc[k] / L, acc[k + 1] / L);
+    if (lane == 0) *lse_out = M == CUKV_NEG_INF ? CUKV_NEG_INF : M + logf(L);
+  }
 }
 
-// The split schedule: part_a float32 [B, S, N_H, D], part_ml float32 [B, 2, S, N_H]. One block per
-// (lane, query head) of 32 NWM threads.
-template <int NWM>
-__global__ void decode_attn_merge(const float* __restrict__ part_a, const float* __restrict__ part_ml,
-                                  int n_heads, int num_splits, int D, u16* __restrict__ out,
-                                  float* __restrict__ lse) {
-  const i64 bh = blockIdx.x;
-  const i64 b = bh / n_heads;
-  const int h = (int)(bh - b * n_heads);
-  const float* mrow = part_ml + (b * 2 + 0) * num_splits * (i64)n_heads + h;
-  merge_partials<NWM>(part_a + (b * num_splits * n_heads + h) * (i64)D, (i64)n_heads * D, mrow,
-                 mrow + num_splits * (i64)n_heads, n_heads, num_splits, D, out + bh * D, lse + bh);
+template <int NWM, bool WIDE>
+__device__ __forceinline__ void merge_partials(const float* __restrict__ arow, i64 astep,
+                                               const float* __restrict__ mrow, const float* __restrict__ lrow,
+                                               i64 mstep, int count, int D, u16* __restrict__ orow,
+                                               float* __restrict__ lse_out) {
+  if (D == 64) merge_task<NWM, WIDE, 2>(arow, astep, mrow, lrow, mstep, count, orow, lse_out);
+  else if (D == 128) merge_task<NWM, WIDE, 4>(arow, astep, mrow, lrow, mstep, count, orow, lse_out);
+  else merge_task<NWM, WIDE, 8>(arow, astep, mrow, lrow, mstep, count, orow, lse_out);
 }
 
-// The stream schedule: lane b has its blocks [x0, x0 + nb) at x0 = cum[b] (nb = ceil(len_b / 16), N =
-// cum[B]); position stream k serves [k*N/PS, (k+1)*N/PS) (PS = min(n_streams, N)), so the
-// partials of (lane b, item hy) are those of the streams K(x0) .. K(x0 + nb - 1), K(x) = ((x + 1) * PS
-// - 1) / N, in slots (b + k) * n_items + hy of part_a [slots, hs, D] and part_ml [slots, 2, hs]. One
-// block of 32 NWM threads per (lane, query head); a lane without keys has no partials (out 0, lse -inf).
-template <int NWM>
-__global__ void decode_attn_merge_stream(const float* __restrict__ part_a, const float* __restrict__ part_ml,
-                                         const i64* __restrict__ cum, const int* __restrict__ seqlens,
-                                         int n_lanes, int n_heads, int n_kv, int capacity, int D, int n_streams,
-                                         u16* __restrict__ out, float* __restrict__ lse) {
-  const i64 bh = blockIdx.x;
-  const int b = (int)(bh / n_heads), h = (int)(bh - (i64)b * n_heads);
+// The tasks (lane, query head) of this warp: [t0, t1). WIDE: the block's task. Else the grid's warps
+// take equal runs of consecutive tasks (one each with the host's grid).
+template <int NWM, bool WIDE>
+__device__ __forceinline__ void merge_tasks(i64 n_tasks, i64& t0, i64& t1) {
+  if (WIDE) {
+    t0 = blockIdx.x;
+    t1 = t0 + 1;
+    return;
+  }
+  const i64 warps = (i64)gridDim.x * NWM, per = (n_tasks + warps - 1) / warps;
+  t0 = min(((i64)blockIdx.x * NWM + (threadIdx.x >> 5)) * per, n_tasks);
+  t1 = min(t0 + per, n_tasks);
+}
+
+// The split schedule: part_a float32 [B, S, N_H, D], part_ml float32 [B, 2, S, N_H].
+template <int NWM, bool WIDE>
+__global__ void __launch_bounds__(32 * NWM) decode_attn_merge(const float* __restrict__ part_a,
+    const float* __restrict__ part_ml, int n_lanes, int n_heads, int num_splits, int D, u16* __restrict__ out,
+    float* __restrict__ lse) {
+  i64 t0, t1;
+  merge_tasks<NWM, WIDE>((i64)n_lanes * n_heads, t0, t1);
+  pdl_wait();
+  for (i64 bh = t0; bh < t1; ++bh) {
+    const i64 b = bh / n_heads;
+    const int h = (int)(bh - b * n_heads);
+    const float* mrow = part_ml + (b * 2 + 0) * num_splits * (i64)n_heads + h;
+    merge_partials<NWM, WIDE>(part_a + (b * num_splits * n_heads + h) * (i64)D, (i64)n_heads * D, mrow,
+                              mrow + num_splits * (i64)n_heads, n_heads, num_splits, D, out + bh * D, lse + bh);
+  }
+}
+
+// The stream schedule: lane b has its blocks [x0, x0 + nb) of all lanes' N blocks (nb = ceil(len_b /
+// 16), x0 = the blocks of the lanes before it, both from the lengths, before the decode kernel ends);
+// position stream k serves [k*N/PS, (k+1)*N/PS) (PS = min(n_streams, N)), so the partials of (lane b,
+// item hy) are those of the streams K(x0) .. K(x0 + nb - 1), K(x) = ((x + 1) * PS - 1) / N, in slots
+// (b + k) * n_items + hy of part_a [slots, hs, D] and part_ml [slots, 2, hs]. A lane without keys has no
+// partials (out 0, lse -inf).
+template <int NWM, bool WIDE>
+__global__ void __launch_bounds__(32 * NWM) decode_attn_merge_stream(const float* __restrict__ part_a,
+    const float* __restrict__ part_ml, const int* __restrict__ seqlens, int n_lanes,
+    int n_heads, int n_kv, int capacity, int D, int n_streams, u16* __restrict__ out, float* __restrict__ lse) {
+  i64 t0, t1;
+  merge_tasks<NWM, WIDE>((i64)n_lanes * n_heads, t0, t1);
+  if (t0 >= t1) return;
   const int r = n_heads / n_kv, n_hg = (r + 15) >> 4, hs = min(16, r);
-  const int kvh = h / r, hl = h - kvh * r, hy = kvh * n_hg + (hl >> 4);
-  int n = seqlens[b];
-  n = n < 0 ? 0 : (n > capacity ? capacity : n);
-  const i64 nb = (n + 15) >> 4, n_items = n_kv * n_hg;
-  i64 slot = 0;
-  int count = 0;
-  if (nb > 0) {
-    const i64 N = cum[n_lanes], x0 = cum[b], PS = min((i64)n_streams, N);
-    const i64 k0 = ((x0 + 1) * PS - 1) / N, k1 = ((x0 + nb) * PS - 1) / N;
-    slot = ((i64)b + k0) * n_items + hy;
-    count = (int)(k1 - k0 + 1);
+  const i64 n_items = n_kv * n_hg;
+  auto blocks = [&](int bb) -> i64 {
+    const int n = seqlens[bb];
+    return ((n < 0 ? 0 : (n > capacity ? capacity : n)) + 15) >> 4;
+  };
+  auto sum_blocks = [&](int lo, int hi) {   // whole warp: the blocks of lanes [lo, hi)
+    i64 v = 0;
+    for (int c = lo + (threadIdx.x & 31); c < hi; c += 32) v += blocks(c);
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(CUKV_FULL_MASK, v, off);
+    return v;
+  };
+  const i64 N = sum_blocks(0, n_lanes), PS = min((i64)n_streams, N);
+  int bp = (int)(t0 / n_heads);
+  i64 x0 = sum_blocks(0, bp);
+  i64 slot;
+  int count, hl;
+  auto task = [&](i64 bh) {   // the partials (slot, count) and head-in-slot hl of task bh (lanes >= bp)
+    const int b = (int)(bh / n_heads), h = (int)(bh - (i64)b * n_heads);
+    if (b != bp) {
+      x0 += sum_blocks(bp, b);
+      bp = b;
+    }
+    const int kvh = h / r, hy = kvh * n_hg + ((h - kvh * r) >> 4);
+    hl = h - kvh * r;
+    const i64 nb = blocks(b);
+    slot = 0;
+    count = 0;
+    if (nb > 0) {
+      const i64 k0 = ((x0 + 1) * PS - 1) / N, k1 = ((x0 + nb) * PS - 1) / N;
+      slot = ((i64)b + k0) * n_items + hy;
+      count = (int)(k1 - k0 + 1);
+    }
+  };
+  task(t0);     // (before the wait: the first task's indices come from the lengths only)
+  pdl_wait();
+  for (i64 bh = t0; bh < t1; ++bh) {
+    if (bh > t0) task(bh);
+    const float* mrow = part_ml + slot * 2 * hs + (hl & 15);
+    merge_partials<NWM, WIDE>(part_a + (slot * hs + (hl & 15)) * D, n_items * hs * D, mrow, mrow + hs,
+                              n_items * 2 * hs, count, D, out + bh * D, lse + bh);
   }
-  const float* mrow = part_ml + slot * 2 * hs + (hl & 15);
-  merge_partials<NWM>(part_a + (slot * hs + (hl & 15)) * D, n_items * hs * D, mrow, mrow + hs, n_items * 2 * hs,
-                 count, D, out + bh * D, lse + bh);
 }
