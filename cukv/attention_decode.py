@@ -293,14 +293,14 @@ def _occupancy(kernel, smem: int, nw: int, smem_sm: int) -> int:
     return max(1, min(smem_sm // (smem + 1024), 65536 // (per_warp * nw), 32))
 
 
-def _merge_launch(name: str, n_tasks: int, partials: float):
+def _merge_launch(name: str, n_tasks: int, partials: float, D: int):
     """(kernel, grid) of a merge, launched with PDL (see :func:`_compile.launch`). With many partials per
-    (lane, head) task (>= 16) one block of 8 warps merges a task (the warps split its partials); else
-    each warp merges one task. H100, fp8 records, 32/8 heads, D128 (B64 T4096, B16 T16384, B128 T2048,
-    B1 T131072), the time a call spends after the decode kernel: 7.0 / 6.4 / 9.6 / 7.1 us with a plain
-    launch of the merge, 4.1 / 5.2 / 7.8 / 5.6 us with PDL."""
+    (lane, head) task (>= 16) a block of 8 warps merges 32 columns of a task (the warps split its
+    partials); else each warp merges one task. H100, fp8 records, 32/8 heads, D128, time a call spends
+    after the decode kernel (B64 T4096 / B16 T16384 / B128 T2048 / B1 T131072): plain launch 6.1 / 5.9 /
+    9.2 / 10.3 us, PDL 4.4 / 4.2 / 7.1 / 9.5 us; the 32-column blocks then took B1 from 114.5 to 111.8 us."""
     wide = partials >= 16
-    return _FAMILY.kernel(name, 8, wide), n_tasks if wide else -(-n_tasks // 8)
+    return _FAMILY.kernel(name, 8, wide), n_tasks * (D // 32) if wide else -(-n_tasks // 8)
 
 
 def _pick_copy_width(vals) -> int:
@@ -494,14 +494,14 @@ def run(p: Plan, *, partials: bool = False, dots: bool = False, num_splits: int 
                  ctas=n_cta if stream else None)
     if stream:
         _compile.launch(kernel, (n_cta,), (32 * nw,), args, shared_mem=smem)
-        merge, mgrid = _merge_launch("decode_attn_merge_stream", B * NH, n_streams / B)
+        merge, mgrid = _merge_launch("decode_attn_merge_stream", B * NH, n_streams / B, D)
         _compile.launch(merge, (mgrid,), (256,), (pa, pm, seq, i32(B), i32(NH), i32(nkv), i32(g.capacity), i32(D),
                                                  i32(n_streams), out, lse), pdl=True)
         return out, lse, None, None, dt
     grid = (nkv * cfg.n_hg, S, B) if hm else (S, nkv * cfg.n_hg, B)
     _compile.launch(kernel, grid, (32 * cfg.nw,), args, shared_mem=smem)
     if use_parts:
-        merge, mgrid = _merge_launch("decode_attn_merge", B * NH, S)
+        merge, mgrid = _merge_launch("decode_attn_merge", B * NH, S, D)
         _compile.launch(merge, (mgrid,), (256,), (pa, pm, i32(B), i32(NH), i32(S), i32(D), out, lse), pdl=True)
     return out, lse, pa, pm, dt
 

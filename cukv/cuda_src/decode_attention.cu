@@ -1137,13 +1137,16 @@ __global__ void __launch_bounds__(STREAM == 2 ? 256 : 128,
 // task (lane, query head): a_s = arow[s * astep + d] (unnormalised), m_s = mrow[s * mstep] (natural log
 // units), l_s = lrow[s * mstep]. A team merges a task: one warp (WIDE = false: a block serves NWM
 // tasks, no block barrier), or the NWM warps of a block (WIDE, many partials: warp w takes s = w, w +
-// NWM, ..). Lane k holds the V = D/32 columns from k*V of a row. The merge is latency-bound, so the
+// NWM, .., each block one 32-column slice of its task). Lane k holds the V columns from k*V of a row
+// (V = D/32, WIDE: 1). The merge is latency-bound, so the
 // first CH rows of a warp are loaded before the (m, l) reduction needs them and every later chunk of
 // CH rows is loaded at once: with a few partials per task (the usual stream schedule) a task costs two
 // memory round trips. Fixed order throughout: deterministic.
-template <int V>   // floats per lane: D / 32
+template <int V>   // floats per lane: D / 32 (WIDE: 1)
 __device__ __forceinline__ void ld_cols(const float* p, float (&x)[V]) {
-  if (V == 2) {
+  if (V == 1) {
+    x[0] = *p;
+  } else if (V == 2) {
     const float2 t = *reinterpret_cast<const float2*>(p);
     x[0] = t.x; x[1] = t.y;
   } else {
@@ -1159,7 +1162,7 @@ template <int NWM, bool WIDE, int V>
 __device__ __forceinline__ void merge_task(const float* __restrict__ arow, i64 astep, const float* __restrict__ mrow,
                                            const float* __restrict__ lrow, i64 mstep, int count,
                                            u16* __restrict__ orow, float* __restrict__ lse_out) {
-  constexpr int CH = (V == 8 ? 4 : 8) * (WIDE ? 2 : 1);   // rows in flight per warp
+  constexpr int CH = WIDE ? 32 : (V == 8 ? 4 : 8);   // rows in flight per warp
   __shared__ float red[WIDE ? 2 * NWM : 1];
   __shared__ float sums[WIDE ? NWM : 1][WIDE ? 32 * V : 1];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -1167,11 +1170,22 @@ __device__ __forceinline__ void merge_task(const float* __restrict__ arow, i64 a
   const int t0 = WIDE ? threadIdx.x : lane, ts = WIDE ? 32 * NWM : 32;   // (m, l): s = t0, t0 + ts, ..
   const float* col = arow + lane * V;
   float x[CH][V];
+  // rows c + r0 + j*rs, j < CH; WIDE (32 rows): by a pointer stepped row by row (H100 B1: 3 us faster
+  // than one address per row; with one task per warp the per-row addresses are faster)
+  auto load_chunk = [&](int c) {
+    const float* p = col + (i64)(c + r0) * astep;
 #pragma unroll
-  for (int j = 0; j < CH; ++j) {
-    const int s = r0 + j * rs;
-    if (s < count) ld_cols<V>(col + (i64)s * astep, x[j]);
-  }
+    for (int j = 0; j < CH; ++j) {
+      const int s = c + r0 + j * rs;
+      if (WIDE) {
+        if (s < count) ld_cols<V>(p, x[j]);
+        p += astep * rs;
+      } else if (s < count) {
+        ld_cols<V>(col + (i64)s * astep, x[j]);
+      }
+    }
+  };
+  load_chunk(0);   // in flight during the (m, l) reduction
   float m = CUKV_NEG_INF, l = 0.0f;
   for (int s = t0; s < count; s += ts) {
     const float ms = mrow[(i64)s * mstep], ls = lrow[(i64)s * mstep];
@@ -1197,22 +1211,18 @@ __device__ __forceinline__ void merge_task(const float* __restrict__ arow, i64 a
   for (int k = 0; k < V; ++k) acc[k] = 0.0f;
   if (M != CUKV_NEG_INF) {
     for (int c = 0; c < count; c += CH * rs) {
-      if (c > 0) {
-#pragma unroll
-        for (int j = 0; j < CH; ++j) {
-          const int s = c + r0 + j * rs;
-          if (s < count) ld_cols<V>(col + (i64)s * astep, x[j]);
-        }
-      }
+      if (c > 0) load_chunk(c);
+      const float* pm = mrow + (i64)(c + r0) * mstep;
 #pragma unroll
       for (int j = 0; j < CH; ++j) {
         const int s = c + r0 + j * rs;
         if (s < count) {
-          const float ms = mrow[(i64)s * mstep];
+          const float ms = WIDE ? *pm : mrow[(i64)s * mstep];
           const float w = ms == CUKV_NEG_INF ? 0.0f : __expf(ms - M);
 #pragma unroll
           for (int k = 0; k < V; ++k) acc[k] += w * x[j][k];
         }
+        if (WIDE) pm += mstep * rs;
       }
     }
   }
@@ -1235,30 +1245,42 @@ __device__ __forceinline__ void merge_task(const float* __restrict__ arow, i64 a
     }
   }
   if (!WIDE || warp == 0) {
+    if (V == 1) {
+      orow[lane] = M == CUKV_NEG_INF ? (u16)0 : f32_to_bf16(acc[0] / L);
+    } else {
 #pragma unroll
-    for (int k = 0; k < V; k += 2)
-      *reinterpret_cast<u32*>(orow + lane * V + k) =
-          M == CUKV_NEG_INF ? 0u : pack_bf16x2(acc[k] / L, acc[k + 1] / L);
-    if (lane == 0) *lse_out = M == CUKV_NEG_INF ? CUKV_NEG_INF : M + logf(L);
+      for (int k = 0; k + 1 < V; k += 2)
+        *reinterpret_cast<u32*>(orow + lane * V + k) =
+            M == CUKV_NEG_INF ? 0u : pack_bf16x2(acc[k] / L, acc[k + 1] / L);
+    }
+    if (lane == 0 && lse_out != nullptr) *lse_out = M == CUKV_NEG_INF ? CUKV_NEG_INF : M + logf(L);
   }
 }
 
+// WIDE: the block merges the 32 columns from 32 * (blockIdx.x % (D / 32)) of its task (V = 1: 17 rows a
+// warp at batch 1 are one chunk, and a batch-1 call spreads its merge over D/32 times more SMs).
 template <int NWM, bool WIDE>
 __device__ __forceinline__ void merge_partials(const float* __restrict__ arow, i64 astep,
                                                const float* __restrict__ mrow, const float* __restrict__ lrow,
                                                i64 mstep, int count, int D, u16* __restrict__ orow,
                                                float* __restrict__ lse_out) {
+  if (WIDE) {
+    const int c0 = 32 * (int)(blockIdx.x % (D / 32));
+    merge_task<NWM, true, 1>(arow + c0, astep, mrow, lrow, mstep, count, orow + c0, c0 == 0 ? lse_out : nullptr);
+    return;
+  }
   if (D == 64) merge_task<NWM, WIDE, 2>(arow, astep, mrow, lrow, mstep, count, orow, lse_out);
   else if (D == 128) merge_task<NWM, WIDE, 4>(arow, astep, mrow, lrow, mstep, count, orow, lse_out);
   else merge_task<NWM, WIDE, 8>(arow, astep, mrow, lrow, mstep, count, orow, lse_out);
 }
 
-// The tasks (lane, query head) of this warp: [t0, t1). WIDE: the block's task. Else the grid's warps
-// take equal runs of consecutive tasks (one each with the host's grid).
+// The tasks (lane, query head) of this warp: [t0, t1). WIDE: the block's task (D/32 blocks a task, one
+// per 32 columns). Else the grid's warps take equal runs of consecutive tasks (one each with the host's
+// grid).
 template <int NWM, bool WIDE>
-__device__ __forceinline__ void merge_tasks(i64 n_tasks, i64& t0, i64& t1) {
+__device__ __forceinline__ void merge_tasks(i64 n_tasks, int D, i64& t0, i64& t1) {
   if (WIDE) {
-    t0 = blockIdx.x;
+    t0 = blockIdx.x / (D / 32);
     t1 = t0 + 1;
     return;
   }
@@ -1273,7 +1295,7 @@ __global__ void __launch_bounds__(32 * NWM) decode_attn_merge(const float* __res
     const float* __restrict__ part_ml, int n_lanes, int n_heads, int num_splits, int D, u16* __restrict__ out,
     float* __restrict__ lse) {
   i64 t0, t1;
-  merge_tasks<NWM, WIDE>((i64)n_lanes * n_heads, t0, t1);
+  merge_tasks<NWM, WIDE>((i64)n_lanes * n_heads, D, t0, t1);
   pdl_wait();
   for (i64 bh = t0; bh < t1; ++bh) {
     const i64 b = bh / n_heads;
@@ -1295,7 +1317,7 @@ __global__ void __launch_bounds__(32 * NWM) decode_attn_merge_stream(const float
     const float* __restrict__ part_ml, const int* __restrict__ seqlens, int n_lanes,
     int n_heads, int n_kv, int capacity, int D, int n_streams, u16* __restrict__ out, float* __restrict__ lse) {
   i64 t0, t1;
-  merge_tasks<NWM, WIDE>((i64)n_lanes * n_heads, t0, t1);
+  merge_tasks<NWM, WIDE>((i64)n_lanes * n_heads, D, t0, t1);
   if (t0 >= t1) return;
   const int r = n_heads / n_kv, n_hg = (r + 15) >> 4, hs = min(16, r);
   const i64 n_items = n_kv * n_hg;
