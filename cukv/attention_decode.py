@@ -28,11 +28,12 @@ _TUNE: dict = {}                      # tuning overrides (benchmarks only): nw, 
 _LAST: dict = {}                      # the last launch's schedule ("split" / "stream" / "records") and
                                       # CTA count (tests and scripts/bench_decode.py read it)
 
+_MERGE_WARPS = 8                      # warps per merge block (decode_attn_merge*<NWM, WIDE>)
 _STREAM_MAX_B = 512                   # the stream schedule's prologue scans every lane's length per CTA
 _FAMILY = _compile.Family("decode_attention.cu", [
     *(_compile.expression("decode_attn", k, d, nt, 0) for k in (0, 1, 2) for d in HEAD_DIMS for nt in (1, 2)),
     *(_compile.expression("decode_attn", 1, d, nt, st) for st in (1, 2) for d in HEAD_DIMS for nt in (1, 2)),
-    *(_compile.expression(m, 8, wide) for m in ("decode_attn_merge", "decode_attn_merge_stream")
+    *(_compile.expression(m, _MERGE_WARPS, wide) for m in ("decode_attn_merge", "decode_attn_merge_stream")
       for wide in (False, True)),
 ], exact=False)
 
@@ -294,13 +295,15 @@ def _occupancy(kernel, smem: int, nw: int, smem_sm: int) -> int:
 
 
 def _merge_launch(name: str, n_tasks: int, partials: float, D: int):
-    """(kernel, grid) of a merge, launched with PDL (see :func:`_compile.launch`). With many partials per
-    (lane, head) task (>= 16) a block of 8 warps merges 32 columns of a task (the warps split its
-    partials); else each warp merges one task. H100, fp8 records, 32/8 heads, D128, time a call spends
-    after the decode kernel (B64 T4096 / B16 T16384 / B128 T2048 / B1 T131072): plain launch 6.1 / 5.9 /
-    9.2 / 10.3 us, PDL 4.4 / 4.2 / 7.1 / 9.5 us; the 32-column blocks then took B1 from 114.5 to 111.8 us."""
+    """(kernel, grid, block) of a merge, launched with PDL (see :func:`_compile.launch`). With many
+    partials per (lane, head) task (>= 16) a block of 8 warps merges 32 columns of a task (the warps
+    split its partials); else each warp merges one task. H100, fp8 records, 32/8 heads, D128, time a
+    call spends after the decode kernel (B64 T4096 / B16 T16384 / B128 T2048 / B1 T131072): plain
+    launch 6.1 / 5.9 / 9.2 / 10.3 us, PDL 4.4 / 4.2 / 7.1 / 9.5 us; the 32-column blocks then took B1
+    from 114.5 to 111.8 us."""
     wide = partials >= 16
-    return _FAMILY.kernel(name, 8, wide), n_tasks * (D // 32) if wide else -(-n_tasks // 8)
+    grid = n_tasks * (D // 32) if wide else -(-n_tasks // _MERGE_WARPS)
+    return _FAMILY.kernel(name, _MERGE_WARPS, wide), (grid,), (32 * _MERGE_WARPS,)
 
 
 def _pick_copy_width(vals) -> int:
@@ -494,15 +497,15 @@ def run(p: Plan, *, partials: bool = False, dots: bool = False, num_splits: int 
                  ctas=n_cta if stream else None)
     if stream:
         _compile.launch(kernel, (n_cta,), (32 * nw,), args, shared_mem=smem)
-        merge, mgrid = _merge_launch("decode_attn_merge_stream", B * NH, n_streams / B, D)
-        _compile.launch(merge, (mgrid,), (256,), (pa, pm, seq, i32(B), i32(NH), i32(nkv), i32(g.capacity), i32(D),
+        merge, mgrid, mblock = _merge_launch("decode_attn_merge_stream", B * NH, n_streams / B, D)
+        _compile.launch(merge, mgrid, mblock, (pa, pm, seq, i32(B), i32(NH), i32(nkv), i32(g.capacity), i32(D),
                                                  i32(n_streams), out, lse), pdl=True)
         return out, lse, None, None, dt
     grid = (nkv * cfg.n_hg, S, B) if hm else (S, nkv * cfg.n_hg, B)
     _compile.launch(kernel, grid, (32 * cfg.nw,), args, shared_mem=smem)
     if use_parts:
-        merge, mgrid = _merge_launch("decode_attn_merge", B * NH, S, D)
-        _compile.launch(merge, (mgrid,), (256,), (pa, pm, i32(B), i32(NH), i32(S), i32(D), out, lse), pdl=True)
+        merge, mgrid, mblock = _merge_launch("decode_attn_merge", B * NH, S, D)
+        _compile.launch(merge, mgrid, mblock, (pa, pm, i32(B), i32(NH), i32(S), i32(D), out, lse), pdl=True)
     return out, lse, pa, pm, dt
 
 
