@@ -32,7 +32,8 @@ _MERGE_WARPS = 8                      # warps per merge block (decode_attn_merge
 _STREAM_MAX_B = 512                   # the stream schedule's prologue scans every lane's length per CTA
 _FAMILY = _compile.Family("decode_attention.cu", [
     *(_compile.expression("decode_attn", k, d, nt, 0) for k in (0, 1, 2) for d in HEAD_DIMS for nt in (1, 2)),
-    *(_compile.expression("decode_attn", 1, d, nt, st) for st in (1, 2) for d in HEAD_DIMS for nt in (1, 2)),
+    *(_compile.expression("decode_attn", k, d, nt, st) for k in (1, 2) for st in (1, 2) for d in HEAD_DIMS
+      for nt in (1, 2)),
     *(_compile.expression(m, _MERGE_WARPS, wide) for m in ("decode_attn_merge", "decode_attn_merge_stream")
       for wide in (False, True)),
 ], exact=False)
@@ -296,12 +297,13 @@ def _occupancy(kernel, smem: int, nw: int, smem_sm: int) -> int:
 
 def _merge_launch(name: str, n_tasks: int, partials: float, D: int):
     """(kernel, grid, block) of a merge, launched with PDL (see :func:`_compile.launch`). With many
-    partials per (lane, head) task (>= 16) a block of 8 warps merges 32 columns of a task (the warps
-    split its partials); else each warp merges one task. H100, fp8 records, 32/8 heads, D128, time a
+    partials per (lane, head) task (>= 64) a block of 8 warps merges 32 columns of a task (the warps
+    split its partials); else each warp merges one task (with 16.5 partials, int4 records B16 T16384,
+    the 2048 blocks of 32 columns took a call from 149 to 173 us). H100, fp8 records, 32/8 heads, D128, time a
     call spends after the decode kernel (B64 T4096 / B16 T16384 / B128 T2048 / B1 T131072): plain
     launch 6.1 / 5.9 / 9.2 / 10.3 us, PDL 4.4 / 4.2 / 7.1 / 9.5 us; the 32-column blocks then took B1
     from 114.5 to 111.8 us."""
-    wide = partials >= 16
+    wide = partials >= 64
     grid = n_tasks * (D // 32) if wide else -(-n_tasks // _MERGE_WARPS)
     return _FAMILY.kernel(name, _MERGE_WARPS, wide), (grid,), (32 * _MERGE_WARPS,)
 
@@ -427,17 +429,20 @@ def run(p: Plan, *, partials: bool = False, dots: bool = False, num_splits: int 
             sK = sV = box_w
             stage_bytes, warp_bytes = _ring(box_w, _STAGES[_KIND[kind]], tma=True)
             smem = _smem(D, cfg.nw, warp_bytes)
-    # The stream schedule (fp8 caches with tensor copies, automatic split counts): one wave of
+    # The stream schedule (fp8 and int4 caches with tensor copies, automatic split counts): one wave of
     # persistent CTAs whose warps form position streams of one warp per item (KV head x head group); each
     # stream takes an equal share of all lanes' 16-key blocks through one pipeline per warp, across
     # lanes, with one partial per (lane, item, stream) and a merge over each lane's partials. With 4 to 8
     # KV heads (at most 16 query heads each) a stream is one CTA of one warp per KV head sharing one ring
     # of whole token records (``records``: two tensor copies of 16 records per stage, K and V, so the
-    # DRAM reads are contiguous), one CTA per SM. H100, 32/8 heads, D128 (% of copy, split / per-warp
-    # stream at 2 CTAs per SM / records): B64 T4096 79.5 / 83.1 / 85.7, B16 T16384 81.1 / 84.7 / 86.2,
-    # B128 T2048 77.5 / 80.8 / 83.4, B1 T131072 74.8 / 73.2 / 76.1. (int4 caches measured no better in
-    # either stream form, so they keep the split schedule.)
-    stream = (fast == 3 and cfg.auto and not partials and B <= _STREAM_MAX_B and _KIND[kind] == 1
+    # DRAM reads are contiguous), one CTA per SM for fp8, two for int4 (twice the arithmetic per byte).
+    # H100, 32/8 heads, D128, fp8 (% of copy, split / per-warp stream at 2 CTAs per SM / records): B64
+    # T4096 79.5 / 83.1 / 85.7, B16 T16384 81.1 / 84.7 / 86.2, B128 T2048 77.5 / 80.8 / 83.4, B1 T131072
+    # 74.8 / 73.2 / 76.1; int4:g4, us (split / records at 1 / 2 CTAs per SM), decode kernel alone (ncu):
+    # B64 153.7 / - / 147.0, B16 - / - / 144.5; whole calls: B64 155.5 / 166.5 / 147.5, B16 161.3 /
+    # 165.7 / 149.1, B128 151.1 / 171.0 / 150.3, B1 87.2 / 91.3 / 85.5.
+    stream = (fast == 3 and cfg.auto and not partials and B <= _STREAM_MAX_B
+              and _KIND[kind] in (1, 2)
               and _TUNE.get("stream", True))
     nw, records = cfg.nw, False
     if stream:   # (the launch state changes only once the schedule is certain)
@@ -456,7 +461,8 @@ def run(p: Plan, *, partials: bool = False, dots: bool = False, num_splits: int 
         s_smem = (s_nw * 32 * D + _STAGES_REC * (32 * pitch + 16) if records
                   else _smem(D, s_nw, warp_bytes, stream=True))
         s_kernel = _FAMILY.kernel("decode_attn", _KIND[kind], D, 1 if r <= 8 else 2, 2 if records else 1)
-        occ = min(_occupancy(s_kernel, s_smem, s_nw, smem_sm), _TUNE.get("stream_occ", 1 if records else 2))
+        occ = min(_occupancy(s_kernel, s_smem, s_nw, smem_sm),
+                  _TUNE.get("stream_occ", 1 if records and kind == "fp8" else 2))
         n_streams = min(n_sm * occ * s_nw // n_items, -(-n_max // 4))   # >= 4 blocks per warp
         stream = n_streams >= 1
         records = records and stream

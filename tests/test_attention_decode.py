@@ -223,9 +223,14 @@ def test_tensor_copy_matches_cp_async(gpu, rng, fmt, D, n_kv):
     ("fp8_head", 64, 1, 32, (77, 0, 1000), 3, False),
     ("fp8_head", 128, 1, 8, (5, 300, 0, 1), None, False),
     ("fp8_head", 128, 2, 1, (0, 640, 2049), 3, False),
+    ("int4:g4", 128, 8, 4, (0, 1, 17, 700, 0, 2053, 16, 0), None, True),
+    ("int4:g8", 64, 4, 2, (2053, 0, 33, 4096, 5), 1, True),
+    ("int4:g1", 256, 4, 8, (3000, 0, 45, 1), None, True),
+    ("int4:g2", 128, 2, 8, (0, 0, 300, 1, 1500), None, False),
+    ("int4:g4", 64, 1, 32, (77, 0, 1000), 3, False),
 ])
 def test_stream_schedule(gpu, rng, fmt, D, n_kv, ratio, lens, occ, records):
-    """Automatic splits over a contiguous fp8 cache (rows of at most 256 bytes) on sm_90 run a stream
+    """Automatic splits over a contiguous fp8 or int4 cache (rows of at most 256 bytes) on sm_90 run a stream
     schedule: persistent position streams (one warp per KV head x head group) each take an
     equal share of all lanes' 16-key blocks across lane boundaries, and the merge combines a varying
     number of partials per lane. With 4-8 KV heads of at most 16 query heads a stream is one CTA

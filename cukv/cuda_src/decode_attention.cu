@@ -6,7 +6,7 @@
 //   for all of them. KIND: 0 bf16, 1 fp8 (inline words, external int32 words, or fp8_head float32
 //   scales: `fp8_mode` 0/1/2), 2 int4 (G groups, `gshift` = log2(D/G)). NT = 1 for <= 8 query heads
 //   per KV head, 2 for 9..16 (the score and PV products then need two n-tiles of 8 heads).
-//   STREAM = 0: the split schedule above. STREAM = 1, 2 (fp8, sm_90 tensor copies): one wave of
+//   STREAM = 0: the split schedule above. STREAM = 1, 2 (fp8 / int4, sm_90 tensor copies): one wave of
 //   persistent CTAs; warp W = k * n_items + hy is item hy (KV head x head group) of position stream k,
 //   which takes the 16-key blocks [k*N/PS, (k+1)*N/PS) of all lanes' N blocks (ordered lane, block)
 //   through one pipeline, across lanes, writing one partial per lane it touches (decode_attn_merge_stream
@@ -290,6 +290,24 @@ __device__ __forceinline__ void pack_chunk(const u32 (&P)[4], const RowQ& q, u32
 #pragma unroll
   for (int k = 0; k < 4; ++k)
     w[k] = KIND == KIND_BF16 ? P[k] : pack_bf16x2(fin<KIND>(P[k], 0, q), fin<KIND>(P[k], 1, q));
+}
+
+// int4 K: the fp16 pairs P0 (key g) and P1 (key 8+g) of a chunk -> bf16 pairs W0, W1, exactly
+// RN_bf16 of each fp16 value. An identity product per word pair widens it to fp32 on the tensor cores
+// (mma.m16n8k8, A = the pair's 16 x 8 fragment, B = I: one product of the value and 1.0, the rest exact
+// zeros; the C layout is the A layout), then one cvt packs two values: 8 HMMA + 32 cvt-packs per 64
+// elements instead of 64 f16 -> f32 converts and 32 packs.
+__device__ __forceinline__ void widen_int4(const u32 (&P0)[4], const u32 (&P1)[4], u32 eye, u32 (&W0)[4],
+                                           u32 (&W1)[4]) {
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    float c0 = 0.0f, c1 = 0.0f, c2 = 0.0f, c3 = 0.0f;
+    asm("mma.sync.aligned.m16n8k8.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5}, {%6}, {%0, %1, %2, %3};\n"
+        : "+f"(c0), "+f"(c1), "+f"(c2), "+f"(c3)
+        : "r"(P0[k]), "r"(P1[k]), "r"(eye));
+    W0[k] = pack_bf16x2(c0, c1);
+    W1[k] = pack_bf16x2(c2, c3);
+  }
 }
 
 // NB raw bytes at p (shared memory) into words: one 16-byte load for bf16 rows (16-aligned), 4-byte
@@ -816,6 +834,8 @@ __global__ void __launch_bounds__(STREAM == 2 ? 256 : 128,
     // keys g and 8 + g; sc[hh][c] is (key g + 8*(c>>1), head 8*hh + 2*tid + (c&1)).
     // (two accumulator chains per tile, even and odd k-steps, for latency: summed below; int4 has
     // no registers to spare)
+    // int4: the identity B fragment of widen_int4 (1.0 where k-slot 2*tid (+1) is column g)
+    const u32 eye = (2 * tid == g ? 0x3c00u : 0u) | (2 * tid + 1 == g ? 0x3c000000u : 0u);
     float sc[NT][4], sc2[NT][4];
 #pragma unroll
     for (int hh = 0; hh < NT; ++hh)
@@ -848,8 +868,12 @@ __global__ void __launch_bounds__(STREAM == 2 ? 256 : 128,
           u32 p0[4], p1[4], w0[4], w1[4];
           pre_chunk<KIND, D>(raw0 + c * (G_::CB / 4), ckk, q0, gshift, p0);
           pre_chunk<KIND, D>(raw1 + c * (G_::CB / 4), ckk, q1, gshift, p1);
-          pack_chunk<KIND>(p0, q0, w0);
-          pack_chunk<KIND>(p1, q1, w1);
+          if (KIND == KIND_INT4) {
+            widen_int4(p0, p1, eye, w0, w1);
+          } else {
+            pack_chunk<KIND>(p0, q0, w0);
+            pack_chunk<KIND>(p1, q1, w1);
+          }
           // S^T = K Q^T: A = K (keys g, g+8 x the k-step's 16 slots), B = Q^T (head tile hh)
 #pragma unroll
           for (int hh = 0; hh < NT; ++hh) {
