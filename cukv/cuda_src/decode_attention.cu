@@ -323,6 +323,13 @@ __device__ __forceinline__ void lds(const u8* p, u32 (&r)[NB / 4]) {
   }
 }
 
+// Lane bb's key count: seqlens[bb] clamped to [0, capacity] (the host validates the lengths; the clamp
+// keeps any input in bounds). Its 16-key blocks: (lane_keys + 15) >> 4.
+__device__ __forceinline__ int lane_keys(const int* __restrict__ seqlens, int bb, int capacity) {
+  const int n = seqlens[bb];
+  return n < 0 ? 0 : (n > capacity ? capacity : n);
+}
+
 // (lo half of a, lo half of b) or (hi half of a, hi half of b).
 __device__ __forceinline__ u32 pair_sel(u32 a, u32 b, int hi) {
   return __byte_perm(a, b, hi ? 0x7632 : 0x5410);
@@ -351,10 +358,7 @@ __global__ void __launch_bounds__(STREAM == 2 ? 256 : 128,
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
   const int g = lane >> 2, tid = lane & 3;
   const int r = n_heads / n_kv, n_hg = (r + 15) >> 4, n_items = n_kv * n_hg;
-  auto lane_len = [&](int bb) {
-    const int n = seqlens[bb];
-    return n < 0 ? 0 : (n > capacity ? capacity : n);
-  };
+  auto lane_len = [&](int bb) { return lane_keys(seqlens, bb, capacity); };
   // the item (lane b, KV head x head group hy) served: query heads h0 .. h0 + nh - 1, keys [start, end)
   int b, hy, kvh, h0, nh, start, end;
   auto set_item = [&](int b_, int hy_) {
@@ -1298,19 +1302,12 @@ __device__ __forceinline__ void merge_partials(const float* __restrict__ arow, i
   else merge_task<NWM, WIDE, 8>(arow, astep, mrow, lrow, mstep, count, orow, lse_out);
 }
 
-// The tasks (lane, query head) of this warp: [t0, t1). WIDE: the block's task (D/32 blocks a task, one
-// per 32 columns). Else the grid's warps take equal runs of consecutive tasks (one each with the host's
-// grid).
+// The (lane, query head) task of this warp, or -1: WIDE, the block's task (D/32 blocks a task, one per
+// 32 columns); else one task per warp (the host launches ceil(tasks / NWM) blocks).
 template <int NWM, bool WIDE>
-__device__ __forceinline__ void merge_tasks(i64 n_tasks, int D, i64& t0, i64& t1) {
-  if (WIDE) {
-    t0 = blockIdx.x / (D / 32);
-    t1 = t0 + 1;
-    return;
-  }
-  const i64 warps = (i64)gridDim.x * NWM, per = (n_tasks + warps - 1) / warps;
-  t0 = min(((i64)blockIdx.x * NWM + (threadIdx.x >> 5)) * per, n_tasks);
-  t1 = min(t0 + per, n_tasks);
+__device__ __forceinline__ i64 merge_task_of(i64 n_tasks, int D) {
+  const i64 t = WIDE ? (i64)(blockIdx.x / (D / 32)) : (i64)blockIdx.x * NWM + (threadIdx.x >> 5);
+  return t < n_tasks ? t : -1;
 }
 
 // Both merges are held to 128 registers (two blocks per SM): a block then fits beside a records CTA
@@ -1320,16 +1317,14 @@ template <int NWM, bool WIDE>
 __global__ void __launch_bounds__(32 * NWM, 2) decode_attn_merge(const float* __restrict__ part_a,
     const float* __restrict__ part_ml, int n_lanes, int n_heads, int num_splits, int D, u16* __restrict__ out,
     float* __restrict__ lse) {
-  i64 t0, t1;
-  merge_tasks<NWM, WIDE>((i64)n_lanes * n_heads, D, t0, t1);
+  const i64 bh = merge_task_of<NWM, WIDE>((i64)n_lanes * n_heads, D);
+  if (bh < 0) return;
+  const i64 b = bh / n_heads;
+  const int h = (int)(bh - b * n_heads);
+  const float* mrow = part_ml + (b * 2 + 0) * num_splits * (i64)n_heads + h;
   pdl_wait();
-  for (i64 bh = t0; bh < t1; ++bh) {
-    const i64 b = bh / n_heads;
-    const int h = (int)(bh - b * n_heads);
-    const float* mrow = part_ml + (b * 2 + 0) * num_splits * (i64)n_heads + h;
-    merge_partials<NWM, WIDE>(part_a + (b * num_splits * n_heads + h) * (i64)D, (i64)n_heads * D, mrow,
-                              mrow + num_splits * (i64)n_heads, n_heads, num_splits, D, out + bh * D, lse + bh);
-  }
+  merge_partials<NWM, WIDE>(part_a + (b * num_splits * n_heads + h) * (i64)D, (i64)n_heads * D, mrow,
+                            mrow + num_splits * (i64)n_heads, n_heads, num_splits, D, out + bh * D, lse + bh);
 }
 
 // The stream schedule: lane b has its blocks [x0, x0 + nb) of all lanes' N blocks (nb = ceil(len_b /
@@ -1342,50 +1337,31 @@ template <int NWM, bool WIDE>
 __global__ void __launch_bounds__(32 * NWM, 2) decode_attn_merge_stream(const float* __restrict__ part_a,
     const float* __restrict__ part_ml, const int* __restrict__ seqlens, int n_lanes,
     int n_heads, int n_kv, int capacity, int D, int n_streams, u16* __restrict__ out, float* __restrict__ lse) {
-  i64 t0, t1;
-  merge_tasks<NWM, WIDE>((i64)n_lanes * n_heads, D, t0, t1);
-  if (t0 >= t1) return;
+  const i64 bh = merge_task_of<NWM, WIDE>((i64)n_lanes * n_heads, D);
+  if (bh < 0) return;
   const int r = n_heads / n_kv, n_hg = (r + 15) >> 4, hs = min(16, r);
   const i64 n_items = n_kv * n_hg;
-  auto blocks = [&](int bb) -> i64 {
-    const int n = seqlens[bb];
-    return ((n < 0 ? 0 : (n > capacity ? capacity : n)) + 15) >> 4;
-  };
-  auto sum_blocks = [&](int lo, int hi) {   // whole warp: the blocks of lanes [lo, hi)
+  auto sum_blocks = [&](int hi) {   // whole warp: the blocks of lanes [0, hi)
     i64 v = 0;
-    for (int c = lo + (threadIdx.x & 31); c < hi; c += 32) v += blocks(c);
+    for (int c = threadIdx.x & 31; c < hi; c += 32) v += (lane_keys(seqlens, c, capacity) + 15) >> 4;
 #pragma unroll
     for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(CUKV_FULL_MASK, v, off);
     return v;
   };
-  const i64 N = sum_blocks(0, n_lanes), PS = min((i64)n_streams, N);
-  int bp = (int)(t0 / n_heads);
-  i64 x0 = sum_blocks(0, bp);
-  i64 slot;
-  int count, hl;
-  auto task = [&](i64 bh) {   // the partials (slot, count) and head-in-slot hl of task bh (lanes >= bp)
-    const int b = (int)(bh / n_heads), h = (int)(bh - (i64)b * n_heads);
-    if (b != bp) {
-      x0 += sum_blocks(bp, b);
-      bp = b;
-    }
-    const int kvh = h / r, hy = kvh * n_hg + ((h - kvh * r) >> 4);
-    hl = h - kvh * r;
-    const i64 nb = blocks(b);
-    slot = 0;
-    count = 0;
-    if (nb > 0) {
-      const i64 k0 = ((x0 + 1) * PS - 1) / N, k1 = ((x0 + nb) * PS - 1) / N;
-      slot = ((i64)b + k0) * n_items + hy;
-      count = (int)(k1 - k0 + 1);
-    }
-  };
-  task(t0);     // (before the wait: the first task's indices come from the lengths only)
-  pdl_wait();
-  for (i64 bh = t0; bh < t1; ++bh) {
-    if (bh > t0) task(bh);
-    const float* mrow = part_ml + slot * 2 * hs + (hl & 15);
-    merge_partials<NWM, WIDE>(part_a + (slot * hs + (hl & 15)) * D, n_items * hs * D, mrow, mrow + hs,
-                              n_items * 2 * hs, count, D, out + bh * D, lse + bh);
+  // the partials (slot, count) of the task and its head in the slot, from the lengths only (before the wait)
+  const int b = (int)(bh / n_heads), h = (int)(bh - (i64)b * n_heads);
+  const int kvh = h / r, hy = kvh * n_hg + ((h - kvh * r) >> 4), hl = h - kvh * r;
+  const i64 N = sum_blocks(n_lanes), PS = min((i64)n_streams, N), x0 = sum_blocks(b);
+  const i64 nb = (lane_keys(seqlens, b, capacity) + 15) >> 4;
+  i64 slot = 0;
+  int count = 0;
+  if (nb > 0) {
+    const i64 k0 = ((x0 + 1) * PS - 1) / N, k1 = ((x0 + nb) * PS - 1) / N;
+    slot = ((i64)b + k0) * n_items + hy;
+    count = (int)(k1 - k0 + 1);
   }
+  pdl_wait();
+  const float* mrow = part_ml + slot * 2 * hs + (hl & 15);
+  merge_partials<NWM, WIDE>(part_a + (slot * hs + (hl & 15)) * D, n_items * hs * D, mrow, mrow + hs,
+                            n_items * 2 * hs, count, D, out + bh * D, lse + bh);
 }
