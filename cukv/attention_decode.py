@@ -580,7 +580,7 @@ def decode_attention(q, cache_k, cache_v, seqlens, *, fmt=None, qparam_k=None, q
     over that head's cache; shared memory does not grow with the context. On sm_90 a contiguous
     quantized cache whose token records are 16-byte aligned is read with TMA tensor copies (a 16-key
     block of one head per copy); other layouts use ``cp.async``. Both give the same bytes of output.
-    With automatic splits an fp8 cache read with tensor copies takes the stream schedule instead (one
+    With automatic splits an fp8 or int4 cache read with tensor copies takes the stream schedule instead (one
     wave of persistent CTAs, each streaming an equal share of all lanes' keys; with 4-8 KV heads a CTA
     reads whole token records, every head at once), for up to 512 lanes; its output differs from the
     split schedule's only by fp32 summation order.
