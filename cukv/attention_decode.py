@@ -24,7 +24,7 @@ _STAGES_REC = 2                       # the records ring (CUKV_DA_STAGES_REC)
 _SMEM_TARGET = 112 * 1024             # per CTA: two CTAs fit one H100 SM
 _MAX_AUTO_SPLITS = 128
 _TUNE: dict = {}                      # tuning overrides (benchmarks only): nw, smem_target, head_major, occ,
-                                      # tma, stream, records, stream_occ, stream_int4, l2_promotion
+                                      # tma, stream, records, stream_occ, stream_any, l2_promotion
 _LAST: dict = {}                      # the last launch's schedule ("split" / "stream" / "records") and
                                       # CTA count (tests and scripts/bench_decode.py read it)
 
@@ -440,11 +440,12 @@ def run(p: Plan, *, partials: bool = False, dots: bool = False, num_splits: int 
     # T4096 79.5 / 83.1 / 85.7, B16 T16384 81.1 / 84.7 / 86.2, B128 T2048 77.5 / 80.8 / 83.4, B1 T131072
     # 74.8 / 73.2 / 76.1; int4:g4, us (split / records at 1 / 2 CTAs per SM), decode kernel alone (ncu):
     # B64 153.7 / - / 147.0, B16 - / - / 144.5; whole calls: B64 155.5 / 166.5 / 147.5, B16 161.3 /
-    # 165.7 / 149.1, B128 151.1 / 171.0 / 150.3, B1 87.2 / 91.3 / 85.5. int4 takes it only with 8 KV heads
-    # (one warp each: 16 warps per SM) and >= 24 blocks a stream; H100, B16 T16384 unless noted, split /
-    # records, us: D64 32/8 100.2 / 97.4, D256 32/8 (T8192) 158.3 / 146.2, 8/8 153.4 / 137.8, g8 B64 T4096
-    # 197.3 / 168.2; but 4 KV heads 64/4 103.5 / 129.5 and g2 32/4 86.6 / 101.9, and B1 T65536 (15.5
-    # blocks a stream) 52.0 / 55.3.
+    # 165.7 / 149.1, B128 151.1 / 171.0 / 150.3, B1 87.2 / 91.3 / 85.5. Records are taken only with 8 KV
+    # heads (int4: and >= 24 blocks a stream); H100, B16 T16384 unless noted, split / records, us: int4
+    # D64 32/8 100.2 / 97.4, D256 32/8 (T8192) 158.3 / 146.2, 8/8 153.4 / 137.8, g8 B64 T4096 197.3 / 168.2,
+    # fp8 8/8 218.5 / 199.8, D64 32/8 136.0 / 128.8; but with 4 KV heads int4 64/4 103.5 / 129.5, g2 32/4
+    # 86.6 / 101.9, fp8 64/4 114.1 / 167.7, 32/4 114.5 / 139.9, 16/4 112.5 / 134.3, 32/4 B64 T4096 134.0 /
+    # 139.5 (2 CTAs per SM: 140.5, 123.8, -, 122.0), and int4 B1 T65536 (15.5 blocks a stream) 52.0 / 55.3.
     stream = (fast == 3 and cfg.auto and not partials and B <= _STREAM_MAX_B
               and _KIND[kind] in (1, 2)
               and _TUNE.get("stream", True))
@@ -468,9 +469,9 @@ def run(p: Plan, *, partials: bool = False, dots: bool = False, num_splits: int 
         occ = min(_occupancy(s_kernel, s_smem, s_nw, smem_sm),
                   _TUNE.get("stream_occ", 1 if records and kind == "fp8" else 2))
         n_streams = min(n_sm * occ * s_nw // n_items, -(-n_max // 4))   # >= 4 blocks per warp
-        stream = n_streams >= 1
-        if kind == "int4":   # records of 8 KV heads, >= 24 blocks a stream at full capacity (see above)
-            stream = stream and _TUNE.get("stream_int4", records and nkv == 8 and n_max >= 24 * n_streams)
+        # records only with 8 KV heads (and, int4, >= 24 blocks a stream at full capacity); see above
+        rule = nkv == 8 and (kind == "fp8" or n_max >= 24 * n_streams) if records else kind == "fp8"
+        stream = n_streams >= 1 and _TUNE.get("stream_any", rule)
         records = records and stream
         if stream:
             kernel, smem, nw = s_kernel, s_smem, s_nw

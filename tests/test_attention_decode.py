@@ -251,7 +251,7 @@ def test_stream_schedule(gpu, rng, fmt, D, n_kv, ratio, lens, occ, records):
         if occ is not None:
             ad._TUNE["stream_occ"] = occ
         ad._TUNE["records"] = records
-        ad._TUNE["stream_int4"] = True   # (int4 takes it by itself only with 8 KV heads and long lanes)
+        ad._TUNE["stream_any"] = True   # (records are taken by themselves only with 8 KV heads)
         dirty_pool(gpu, (1 << 22,), c.q.shape, c.q.shape[:2])   # the partials too
         out, lse = cukv.decode_attention(*c.args(gpu), return_lse=True, **c.kw(gpu))
         assert ad._LAST["schedule"] == ("records" if records else "stream")
@@ -259,7 +259,7 @@ def test_stream_schedule(gpu, rng, fmt, D, n_kv, ratio, lens, occ, records):
     finally:
         ad._TUNE.pop("stream_occ", None)
         ad._TUNE.pop("records", None)
-        ad._TUNE.pop("stream_int4", None)
+        ad._TUNE.pop("stream_any", None)
     check_attention(out, lse, O64, lse64, f"{ad._LAST['schedule']} {fmt} D={D} r={ratio} occ={occ}")
     assert (to_host(again).view(np.uint16) == to_host(out).view(np.uint16)).all(), "not deterministic"
     ref1, _ = cukv.decode_attention(*c.args(gpu), return_lse=True, num_splits=1, **c.kw(gpu))
