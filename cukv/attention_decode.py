@@ -171,13 +171,13 @@ def _encode_tiled():
     return _ENCODE[0]
 
 
-def _tensor_map(ptr: int, rec: int, T: int, B: int, box_w: int, elem: int = 1):
-    """The tensor map of a cache ``[B, T, rec bytes]`` (C-contiguous) with boxes of 16 rows x ``box_w``
-    bytes, seen as elements of ``elem`` bytes (1: uint8, 8: uint64, for boxes wider than 256 bytes), or
-    None if the driver refuses it. Cached by its arguments."""
+def _tensor_map(ptr: int, rec: int, T: int, B: int, box_w: int, elem: int = 1, rows: int = 16):
+    """The tensor map of a cache ``[B, T, rec bytes]`` (C-contiguous) with boxes of ``rows`` rows x
+    ``box_w`` bytes, seen as elements of ``elem`` bytes (1: uint8, 8: uint64, for boxes wider than 256
+    bytes), or None if the driver refuses it. Cached by its arguments."""
     # L2 promotion 128 B (H100: 1-3% faster than 256 B or none on fp8 / int4 decode)
     promo = int(_TUNE.get("l2_promotion", 2))
-    key = (ptr, rec, T, B, box_w, promo, elem)
+    key = (ptr, rec, T, B, box_w, promo, elem, rows)
     m = _TMAPS.get(key)
     if m is None:
         import ctypes  # noqa: PLC0415
@@ -188,7 +188,7 @@ def _tensor_map(ptr: int, rec: int, T: int, B: int, box_w: int, elem: int = 1):
         out = np.zeros((), _TMAP)
         dims = (ctypes.c_uint64 * 3)(rec // elem, T, B)
         strides = (ctypes.c_uint64 * 2)(rec, rec * T)
-        box = (ctypes.c_uint32 * 3)(box_w // elem, 16, 1)
+        box = (ctypes.c_uint32 * 3)(box_w // elem, rows, 1)
         es = (ctypes.c_uint32 * 3)(1, 1, 1)
         # uint8 (0) or uint64 (4), rank 3, no interleave, no swizzle, L2 promotion `promo`, OOB -> zeros
         rc = fn(out.ctypes.data, 0 if elem == 1 else 4, 3, ctypes.c_void_p(ptr), dims, strides, box, es, 0, 0,
@@ -248,11 +248,12 @@ def _layout(kind: str, fmt_g: int, D: int, R_bytes: int, external: bool):
     return pad, hdr, slot, slot, stage_bytes, warp_bytes, stages
 
 
-def _ring(slot: int, stages: int, tma: bool = False) -> tuple[int, int]:
+def _ring(slot: int, stages: int, tma: bool = False, kpack: int = 1) -> tuple[int, int]:
     """(stage_bytes, warp_bytes) of one warp's ring: ``stages`` slots of 16 K + 16 V rows of ``slot``
-    bytes plus 128 bytes (fp8 external words), then the row offsets (256 bytes) and masks (16 bytes);
-    tensor copies add the stage mbarriers and keep every ring 128-byte aligned (TMA destinations)."""
-    stage_bytes = 32 * slot + 128
+    bytes (tensor copies of ``kpack`` tokens a box row: 16 / kpack rows each) plus 128 bytes (fp8
+    external words), then the row offsets (256 bytes) and masks (16 bytes); tensor copies add the stage
+    mbarriers and keep every ring 128-byte aligned (TMA destinations)."""
+    stage_bytes = 2 * (-(-(16 // kpack * slot) // 128) * 128) + 128   # (the V box 128-byte aligned)
     extra, align = (32, 128) if tma else (0, 16)
     return stage_bytes, -(-(stages * stage_bytes + 256 + 16 + extra) // align) * align
 
@@ -264,11 +265,13 @@ def _odd_lines(nbytes: int) -> int:
     return 16 * (lines + 1 - lines % 2)
 
 
-def _tma_box(R_bytes: int, n_kv: int) -> int:
+def _tma_box(R_bytes: int, n_kv: int, kpack: int = 1) -> int:
     """Bytes per row of a tensor-copy box: from the 16-byte boundary at or before any head's row (the
     TMA engine needs 16-byte-aligned box starts) to past its end, an odd number of 16-byte lines
-    (conflict-free K word reads, see :func:`_layout`). Row h of a record starts at h * R_bytes."""
-    return _odd_lines(max((h * R_bytes) % 16 + R_bytes for h in range(min(n_kv, 4))))
+    (conflict-free K word reads, see :func:`_layout`). Row h of a record starts at h * R_bytes. With
+    ``kpack`` > 1 a box row is ``kpack`` consecutive token records and holds the head's ``kpack`` rows."""
+    span = (kpack - 1) * n_kv * R_bytes + R_bytes
+    return _odd_lines(max((h * R_bytes) % 16 + span for h in range(min(n_kv, 4))))
 
 
 def _record_pitch(rec: int) -> int:
@@ -417,18 +420,31 @@ def run(p: Plan, *, partials: bool = False, dots: bool = False, num_splits: int 
     # aligned; a row sits at its address mod 16 in a slot of one box row (_tma_box)
     tk = tv = _NO_TMAP
     pad, sK, sV, stage_bytes, warp_bytes, smem = cfg.pad, cfg.sK, cfg.sV, cfg.stage_bytes, cfg.warp_bytes, cfg.smem
-    if (fast and kind != "bf16" and fp8_mode != 1 and not g.paged and _TUNE.get("tma", True)
-            and _device_info(cp)[3] >= 90 and cs1 % 16 == 0
-            and all(a.flags.c_contiguous and a.data.ptr % 16 == 0 for a in (ck, cv))):
-        box_w = _tma_box(R_bytes, nkv)
-        T = int(ck.shape[1])
-        mk = _tensor_map(pk, cs1, T, B, box_w) if box_w <= 256 else None
-        mv = _tensor_map(pv, cs1, T, B, box_w) if mk is not None else None
+    # Token records that are not 16-byte aligned (fp8 rows of 132 bytes with 1 or 2 KV heads) are read
+    # kpack at a time: a box row is kpack consecutive records (16-byte aligned), the head's kpack rows
+    # in it, where that reads at most twice the head's bytes. H100, fp8 B16 T16384 D128, the split
+    # schedule: 16/2 heads 159.3 -> 60.6 us, 8/1 85.6 -> 38.9 us (4-byte cp.async pieces before). Split
+    # ranges then start at multiples of 16 keys (every layout alike, so the bytes do not depend on it),
+    # except where the partials are returned (gqa_attn_splitk keeps FBGEMM's ranges and kpack = 1).
+    kpack = 16 // math.gcd(cs1, 16) if cs1 % 4 == 0 else 0
+    T = int(ck.shape[1])
+    if (kpack and (kpack == 1 or not partials) and kind != "bf16" and fp8_mode != 1 and not g.paged
+            and _TUNE.get("tma", True)
+            and _device_info(cp)[3] >= 90 and T % kpack == 0 and R_bytes % 4 == 0 and cs2 == R_bytes
+            and all(a.flags.c_contiguous and a.data.ptr % 16 == 0 for a in (ck, cv))
+            and (kpack == 1 and fast or _tma_box(R_bytes, nkv, kpack) <= 2 * kpack * R_bytes)):
+        box_w = _tma_box(R_bytes, nkv, kpack)
+        elem = 1 if kpack == 1 else 8
+        mk = (_tensor_map(pk, kpack * cs1, T // kpack, B, box_w, elem, 16 // kpack)
+              if box_w <= 256 * elem else None)
+        mv = _tensor_map(pv, kpack * cs1, T // kpack, B, box_w, elem, 16 // kpack) if mk is not None else None
         if mv is not None:
             tk, tv, fast = mk, mv, 3
             sK = sV = box_w
-            stage_bytes, warp_bytes = _ring(box_w, _STAGES[_KIND[kind]], tma=True)
+            stage_bytes, warp_bytes = _ring(box_w, _STAGES[_KIND[kind]], tma=True, kpack=kpack)
             smem = _smem(D, cfg.nw, warp_bytes)
+    if fast != 3:
+        kpack = 1
     # The stream schedule (fp8 and int4 caches with tensor copies, automatic split counts): one wave of
     # persistent CTAs whose warps form position streams of one warp per item (KV head x head group); each
     # stream takes an equal share of all lanes' 16-key blocks through one pipeline per warp, across
@@ -446,7 +462,7 @@ def run(p: Plan, *, partials: bool = False, dots: bool = False, num_splits: int 
     # fp8 8/8 218.5 / 199.8, D64 32/8 136.0 / 128.8; but with 4 KV heads int4 64/4 103.5 / 129.5, g2 32/4
     # 86.6 / 101.9, fp8 64/4 114.1 / 167.7, 32/4 114.5 / 139.9, 16/4 112.5 / 134.3, 32/4 B64 T4096 134.0 /
     # 139.5 (2 CTAs per SM: 140.5, 123.8, -, 122.0), and int4 B1 T65536 (15.5 blocks a stream) 52.0 / 55.3.
-    stream = (fast == 3 and cfg.auto and not partials and B <= _STREAM_MAX_B
+    stream = (fast == 3 and kpack == 1 and cfg.auto and not partials and B <= _STREAM_MAX_B
               and _KIND[kind] in (1, 2)
               and _TUNE.get("stream", True))
     nw, records = cfg.nw, False
@@ -505,9 +521,9 @@ def run(p: Plan, *, partials: bool = False, dots: bool = False, num_splits: int 
             i64(ws[2]), i32(R_bytes), i32(fp8_mode), i32(gshift), f32(p.scale * math.log2(math.e)),
             i32(n_streams if stream else S), i32(copy_w), i32(fast), i32(pad), i32(cfg.hdr), i32(sK), i32(sV),
             i32(stage_bytes), i32(warp_bytes), i32(hm), out, lse, pa, pm, dt,
-            i32(g.capacity if dots else 0), i32(B), tk, tv)
+            i32(g.capacity if dots else 0), i32(B), i32(kpack), i32(1 if partials else 16), tk, tv)
     _LAST.update(schedule=("records" if records else "stream") if stream else "split",
-                 ctas=n_cta if stream else None)
+                 ctas=n_cta if stream else None, kpack=kpack)
     if stream:
         _compile.launch(kernel, (n_cta,), (32 * nw,), args, shared_mem=smem)
         merge, mgrid, mblock = _merge_launch("decode_attn_merge_stream", B * NH, n_streams / B, D)

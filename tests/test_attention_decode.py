@@ -213,6 +213,36 @@ def test_tensor_copy_matches_cp_async(gpu, rng, fmt, D, n_kv):
     check_attention(o1, l1, O64, lse64, f"{fmt} D={D} tma")
 
 
+@pytest.mark.parametrize("fmt,D,n_kv,kpack", [("fp8", 128, 1, 4), ("fp8", 128, 2, 2), ("fp8", 64, 2, 2),
+                                              ("fp8", 256, 1, 4), ("int4:g1", 128, 1, 4), ("int4:g2", 64, 1, 2)])
+def test_tensor_copy_packed_records(gpu, rng, fmt, D, n_kv, kpack):
+    """Token records that are not 16-byte aligned (fp8 rows of D + 4 bytes with 1 or 2 KV heads) are
+    read by tensor copies of ``kpack`` records a box row (the capacity a multiple of kpack): the same
+    bytes as the cp.async copy, for a ragged batch and a split count that cuts blocks."""
+    import cupy as cp  # noqa: PLC0415
+
+    from cukv import attention_decode as ad  # noqa: PLC0415
+
+    if ad._device_info(cp)[3] < 90:
+        pytest.skip("TMA copies need sm_90")
+    c = Case(rng, fmt, D, 4, (0, 1, 17, 700, 2052), n_kv=n_kv)
+    try:
+        for S in (1, 3, None):
+            res = []
+            for tma in (True, False):
+                ad._TUNE["tma"] = tma
+                dirty_pool(gpu, c.q.shape, c.q.shape[:2])
+                res.append(cukv.decode_attention(*c.args(gpu), return_lse=True, num_splits=S, **c.kw(gpu)))
+                assert ad._LAST["kpack"] == (kpack if tma else 1), (ad._LAST, tma)
+            (o1, l1), (o2, l2) = res
+            assert (o1.view(cp.uint16) == o2.view(cp.uint16)).all(), (fmt, S)
+            assert cp.array_equal(l1, l2, equal_nan=True), (fmt, S)
+    finally:
+        ad._TUNE.pop("tma", None)
+    O64, lse64 = c.exact()
+    check_attention(o1, l1, O64, lse64, f"{fmt} D={D} n_kv={n_kv} packed tma")
+
+
 @pytest.mark.parametrize("fmt,D,n_kv,ratio,lens,occ,records", [
     ("fp8", 128, 8, 4, (0, 1, 17, 700, 0, 2053, 16, 0), None, True),
     ("fp8", 128, 8, 4, (0, 1, 17, 700, 0, 2053, 16, 0), None, False),

@@ -347,7 +347,7 @@ __global__ void __launch_bounds__(STREAM == 2 ? 256 : 128,
     int capacity, i64 cs0, i64 cs1, i64 cs2, i64 ws0, i64 ws1, i64 ws2, int R, int fp8_mode, int gshift,
     float scale_log2, int num_splits, int copy_w, int fast, int pad, int hdr, int sK, int sV, int stage_bytes,
     int warp_bytes, int head_major, u16* __restrict__ out, float* __restrict__ lse, float* __restrict__ part_a,
-    float* __restrict__ part_ml, float* __restrict__ dots, int dots_cap, int n_lanes,
+    float* __restrict__ part_ml, float* __restrict__ dots, int dots_cap, int n_lanes, int kpack, int split_align,
     const __grid_constant__ Tmap tmk, const __grid_constant__ Tmap tmv) {
   typedef Geo<KIND, D> G_;
   constexpr int KS = G_::KS, STAGES = STREAM == 2 ? CUKV_DA_STAGES_REC : G_::STAGES;
@@ -377,7 +377,10 @@ __global__ void __launch_bounds__(STREAM == 2 ? 256 : 128,
     const int split = head_major ? blockIdx.y : blockIdx.x;
     set_item(blockIdx.z, head_major ? blockIdx.x : blockIdx.y);
     const int n = lane_len(b);
-    const int t_per = n > 0 ? (int)(((i64)n + num_splits - 1) / num_splits) : 0;
+    int t_per = n > 0 ? (int)(((i64)n + num_splits - 1) / num_splits) : 0;
+    // split_align 16 (partials not returned): splits start at multiples of 16 keys, whatever the cache
+    // layout (tensor copies of kpack > 1 records a box row need it; the same bytes for every layout)
+    if (split_align > 1) t_per = (int)min(((i64)t_per + split_align - 1) / split_align * split_align, (i64)n);
     start = (int)min((i64)split * t_per, (i64)n);
     end = (int)min((i64)start + t_per, (i64)n);
     const int nblk = (end - start + 15) >> 4;
@@ -529,6 +532,12 @@ __global__ void __launch_bounds__(STREAM == 2 ? 256 : 128,
     }
   }
   int po_k = pad_k + hdr, po_v = pad_v + hdr;
+  // a stage: the K box, then the V box at vofs; key j (0..15) of a box at rowK(j) / rowV(j) (tensor
+  // copies of kpack records a box row: row j / kpack, record j % kpack in it)
+  const int kp = STREAM == 2 ? 1 : kpack, kp_shift = __ffs(kp) - 1;   // (records: always 1)
+  const int vofs = ((16 >> kp_shift) * sK + 127) & ~127;   // (a tensor copy's destination: 128-byte aligned)
+  auto rowK = [&](int j) { return (j >> kp_shift) * sK + (j & (kp - 1)) * (int)cs1; };
+  auto rowV = [&](int j) { return (j >> kp_shift) * sV + (j & (kp - 1)) * (int)cs1; };
   // tensor copies: a row sits at its address mod 16 in its box row (the same for K and V)
   auto tma_pad = [&](int h) { return (int)((reinterpret_cast<u64>(ck) + (u64)((i64)h * cs2)) & 15u); };
   const int n_w = R / copy_w;                   // generic copy: pieces per row
@@ -561,11 +570,13 @@ __global__ void __launch_bounds__(STREAM == 2 ? 256 : 128,
           const int ih = STREAM ? ic.hy / n_hg : kvh, ipad = STREAM ? tma_pad(ih) : pad_k;
           const u32 bar = bar_s + 8 * s;
           masks[s] = nk >= 16 ? 0xffffu : (1u << nk) - 1u;
-          mbar_expect_tx(bar, 16u * (u32)(sK + sV));
+          mbar_expect_tx(bar, (u32)(16 / kpack) * (u32)(sK + sV));
           const u32 st_s = smem_s + (u32)(wbase + s * stage_bytes - smem);
-          // a box starts on a 16-byte boundary of the record: the row lands at pad (its address mod 16)
-          tma_load_3d(st_s, &tmk, ih * R - ipad, t0, ib, bar);
-          tma_load_3d(st_s + 16 * sK, &tmv, ih * R - ipad, t0, ib, bar);
+          // a box starts on a 16-byte boundary of the record: the row lands at pad (its address mod 16);
+          // kpack > 1: box rows of kpack records, the box's x in 8-byte elements
+          const int bx = kpack == 1 ? ih * R - ipad : (ih * R - ipad) >> 3;
+          tma_load_3d(st_s, &tmk, bx, t0 / kpack, ib, bar);
+          tma_load_3d(st_s + vofs, &tmv, bx, t0 / kpack, ib, bar);
         }
         cp_async_commit();
         __syncwarp();
@@ -809,15 +820,23 @@ __global__ void __launch_bounds__(STREAM == 2 ? 256 : 128,
       mbar_wait(bar_s + 8 * s, (phase >> s) & 1u);
       phase ^= 1u << s;
       if (nk < 16) {   // keys past the split were loaded (in bounds): zero their V rows (0 * NaN)
-        u8* sv = wbase + s * stage_bytes + 16 * sK + nk * sV;
-        for (int o = 16 * lane; o < (16 - nk) * sV; o += 512) *reinterpret_cast<uint4*>(sv + o) = make_uint4(0, 0, 0, 0);
+        u8* sv = wbase + s * stage_bytes + vofs;
+        if (kpack == 1) {
+          for (int o = 16 * lane; o < (16 - nk) * sV; o += 512)
+            *reinterpret_cast<uint4*>(sv + nk * sV + o) = make_uint4(0, 0, 0, 0);
+        } else {
+          for (int o = lane; o < (16 - nk) * (R >> 2); o += 32) {
+            const int key = nk + o / (R >> 2);
+            reinterpret_cast<u32*>(sv + rowV(key) + pad_v)[o - (key - nk) * (R >> 2)] = 0u;
+          }
+        }
       }
     }
 #endif
     __syncwarp();
     const u8* st = wbase + s * stage_bytes;
     const u8* stK = st;
-    const u8* stV = st + 16 * sK;
+    const u8* stV = st + vofs;
     const u32* stW = reinterpret_cast<const u32*>(st + 16 * (sK + sV));
     const u32 vm = STREAM == 2 ? (nk >= 16 ? 0xffffu : (1u << nk) - 1u) : masks[s];
 
@@ -846,8 +865,8 @@ __global__ void __launch_bounds__(STREAM == 2 ? 256 : 128,
 #pragma unroll
       for (int c = 0; c < 4; ++c) sc[hh][c] = sc2[hh][c] = 0.0f;
     {
-      const u8* kr0 = stK + g * sK;
-      const u8* kr1 = stK + (8 + g) * sK;
+      const u8* kr0 = stK + rowK(g);
+      const u8* kr1 = stK + rowK(8 + g);
       const RowQ q0 = row_q(kr0, g, false), q1 = row_q(kr1, 8 + g, false);
 #pragma unroll
       for (int u = 0; u < G_::KU; ++u) {
@@ -914,7 +933,7 @@ __global__ void __launch_bounds__(STREAM == 2 ? 256 : 128,
 #pragma unroll
       for (int k = 0; k < 4; ++k) {
         const int key = (k >> 1) * 8 + 2 * tid + (k & 1);
-        vr[k] = stV + key * sV;
+        vr[k] = stV + rowV(key);
         vq[k] = row_q(vr[k], key, true);
       }
     };
@@ -925,7 +944,7 @@ __global__ void __launch_bounds__(STREAM == 2 ? 256 : 128,
     // 2^(127 - e_run) < 2 in fp16.
     float fe = 1.0f, sf[2] = {1.0f, 1.0f}, zs[2] = {0.0f, 0.0f};
     if (FOLD) {
-      const RowQ va = row_q(stV + g * sV, g, true), vb = row_q(stV + (8 + g) * sV, 8 + g, true);
+      const RowQ va = row_q(stV + rowV(g), g, true), vb = row_q(stV + rowV(8 + g), 8 + g, true);
       u32 eb = max(__float_as_uint(va.s) & 0x7f800000u, __float_as_uint(vb.s) & 0x7f800000u);
       eb = max(eb, (u32)__shfl_xor_sync(CUKV_FULL_MASK, eb, 4));
       eb = max(eb, (u32)__shfl_xor_sync(CUKV_FULL_MASK, eb, 8));
