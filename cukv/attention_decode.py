@@ -423,7 +423,8 @@ def run(p: Plan, *, partials: bool = False, dots: bool = False, num_splits: int 
     # Token records that are not 16-byte aligned (fp8 rows of 132 bytes with 1 or 2 KV heads) are read
     # kpack at a time: a box row is kpack consecutive records (16-byte aligned), the head's kpack rows
     # in it, where that reads at most twice the head's bytes. H100, fp8 B16 T16384 D128, the split
-    # schedule: 16/2 heads 159.3 -> 60.6 us, 8/1 85.6 -> 38.9 us (4-byte cp.async pieces before). Split
+    # schedule: 16/2 heads 159.3 -> 60.6 us, 8/1 85.6 -> 38.9 us (4-byte cp.async pieces before; measured
+    # before split ranges were aligned to 16 keys, which the box rows need). Split
     # ranges then start at multiples of 16 keys (every layout alike, so the bytes do not depend on it),
     # except where the partials are returned (gqa_attn_splitk keeps FBGEMM's ranges and kpack = 1).
     kpack = 16 // math.gcd(cs1, 16) if cs1 % 4 == 0 else 0

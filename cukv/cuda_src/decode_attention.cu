@@ -36,6 +36,9 @@
 // 0 loads the block's K and V as two TMA boxes (16 rows from the 16-byte boundary at or before the row),
 // completion counted on an mbarrier per stage; rows past the split are loaded (in bounds, or zero-filled
 // by the TMA past the cache end), masked to -inf, and their V rows zeroed in shared memory on arrival.
+// Token records 4- or 8-byte aligned only (fp8 with 1 or 2 KV heads): `kpack` (4 or 2) records form
+// one 16-byte aligned box row, so a box is 16 / kpack rows holding the head's 16 rows (key j at row
+// j / kpack, record j % kpack: rowK / rowV), and the split ranges start at multiples of 16 keys.
 // On the H100 this is 4-10% faster than the cp.async copy (an ncu-free probe of the copy alone, with
 // the arithmetic compiled out, ran the cp.async copy at 71-77% of copy bandwidth). Shared memory does
 // not depend on the sequence length. Per block:
