@@ -184,50 +184,29 @@ def test_unaligned_rows_fast_copy(gpu, rng, fmt, D, paged):
     check_attention(out, lse, O64, lse64, f"{fmt} D={D} paged={paged}")
 
 
-@pytest.mark.parametrize("fmt,D,n_kv", [("fp8", 128, 8), ("fp8", 64, 4), ("fp8_head", 128, 2), ("int4:g4", 128, 8),
-                                        ("int4:g1", 64, 4), ("int4:g8", 256, 1)])
-def test_tensor_copy_matches_cp_async(gpu, rng, fmt, D, n_kv):
+@pytest.mark.parametrize("fmt,D,n_kv,kpack", [
+    ("fp8", 128, 8, 1), ("fp8", 64, 4, 1), ("fp8_head", 128, 2, 1), ("int4:g4", 128, 8, 1), ("int4:g1", 64, 4, 1),
+    ("int4:g8", 256, 1, 1),
+    ("fp8", 128, 1, 4), ("fp8", 128, 2, 2), ("fp8", 64, 2, 2), ("fp8", 256, 1, 4), ("int4:g1", 128, 1, 4),
+    ("int4:g2", 64, 1, 2),
+])
+def test_tensor_copy_matches_cp_async(gpu, rng, fmt, D, n_kv, kpack):
     """On sm_90 contiguous quantized caches are loaded with TMA boxes (rows at every 4-byte offset of
     their 16-byte line, boxes past the record end zero-filled, ragged last blocks); the cp.async copy
-    must give the very same bytes for a given split count. (Automatic splits run the stream schedule
-    with TMA: see test_stream_schedule.)"""
+    must give the very same bytes for a given split count. Token records that are not 16-byte aligned
+    (fp8 rows of D + 4 bytes with 1 or 2 KV heads; the capacity a multiple of ``kpack``) are read
+    ``kpack`` records a box row, also with automatic splits. (Automatic splits over aligned records run
+    the stream schedule with TMA: see test_stream_schedule.)"""
     import cupy as cp  # noqa: PLC0415
 
     from cukv import attention_decode as ad  # noqa: PLC0415
 
     if ad._device_info(cp)[3] < 90:
         pytest.skip("TMA copies need sm_90")
-    c = Case(rng, fmt, D, 2 * n_kv, (0, 1, 17, 700, 2053), n_kv=n_kv)
+    packed = kpack > 1
+    c = Case(rng, fmt, D, 4 if packed else 2 * n_kv, (0, 1, 17, 700, 2052 if packed else 2053), n_kv=n_kv)
     try:
-        for S in (1, 3):
-            res = []
-            for tma in (True, False):
-                ad._TUNE["tma"] = tma
-                res.append(cukv.decode_attention(*c.args(gpu), return_lse=True, num_splits=S, **c.kw(gpu)))
-            (o1, l1), (o2, l2) = res
-            assert (o1.view(cp.uint16) == o2.view(cp.uint16)).all(), (fmt, S)
-            assert cp.array_equal(l1, l2, equal_nan=True), (fmt, S)
-    finally:
-        ad._TUNE.pop("tma", None)
-    O64, lse64 = c.exact()
-    check_attention(o1, l1, O64, lse64, f"{fmt} D={D} tma")
-
-
-@pytest.mark.parametrize("fmt,D,n_kv,kpack", [("fp8", 128, 1, 4), ("fp8", 128, 2, 2), ("fp8", 64, 2, 2),
-                                              ("fp8", 256, 1, 4), ("int4:g1", 128, 1, 4), ("int4:g2", 64, 1, 2)])
-def test_tensor_copy_packed_records(gpu, rng, fmt, D, n_kv, kpack):
-    """Token records that are not 16-byte aligned (fp8 rows of D + 4 bytes with 1 or 2 KV heads) are
-    read by tensor copies of ``kpack`` records a box row (the capacity a multiple of kpack): the same
-    bytes as the cp.async copy, for a ragged batch and a split count that cuts blocks."""
-    import cupy as cp  # noqa: PLC0415
-
-    from cukv import attention_decode as ad  # noqa: PLC0415
-
-    if ad._device_info(cp)[3] < 90:
-        pytest.skip("TMA copies need sm_90")
-    c = Case(rng, fmt, D, 4, (0, 1, 17, 700, 2052), n_kv=n_kv)
-    try:
-        for S in (1, 3, None):
+        for S in (1, 3, None) if packed else (1, 3):
             res = []
             for tma in (True, False):
                 ad._TUNE["tma"] = tma
@@ -240,7 +219,7 @@ def test_tensor_copy_packed_records(gpu, rng, fmt, D, n_kv, kpack):
     finally:
         ad._TUNE.pop("tma", None)
     O64, lse64 = c.exact()
-    check_attention(o1, l1, O64, lse64, f"{fmt} D={D} n_kv={n_kv} packed tma")
+    check_attention(o1, l1, O64, lse64, f"{fmt} D={D} n_kv={n_kv} kpack={kpack} tma")
 
 
 @pytest.mark.parametrize("fmt,D,n_kv,ratio,lens,occ,records", [
