@@ -604,9 +604,11 @@ def decode_attention(q, cache_k, cache_v, seqlens, *, fmt=None, qparam_k=None, q
     over that head's cache; shared memory does not grow with the context. On sm_90 a contiguous
     quantized cache whose token records are 16-byte aligned is read with TMA tensor copies (a 16-key
     block of one head per copy); other layouts use ``cp.async``. Both give the same bytes of output.
-    With automatic splits an fp8 or int4 cache read with tensor copies takes the stream schedule instead (one
-    wave of persistent CTAs, each streaming an equal share of all lanes' keys; with 4-8 KV heads a CTA
-    reads whole token records, every head at once), for up to 512 lanes; its output differs from the
+    With automatic splits, up to 512 lanes and 16-byte aligned token records, a cache read with tensor
+    copies takes the stream schedule instead where it measured faster on the H100 (one wave of
+    persistent CTAs, each streaming an equal share of all lanes' keys): fp8 and int4 with 8 KV heads, a
+    CTA reading whole token records, every head at once (int4: with at least 24 16-key blocks a stream),
+    and fp8 with fewer than 4 or more than 8 KV heads, a warp per head. Its output differs from the
     split schedule's only by fp32 summation order.
     **cukv differs** from FBGEMM's split-K kernel: any D in {64, 128, 256}, any GQA ratio, paged
     caches, contexts of any int32 length.
