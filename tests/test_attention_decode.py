@@ -285,6 +285,25 @@ def test_more_than_16_heads_per_kv_head(gpu, rng, fmt):
     check_attention(out, lse, O64, lse64, f"MQA-32 {fmt}")
 
 
+def test_packed_tensor_copy_layout():
+    """Host side of the tensor copies (no GPU): a box row of ``kpack`` records covers each head's
+    ``kpack`` rows from a 16-byte boundary; a stage holds the K box, then the V box at the 128-byte
+    aligned offset the kernel uses (``vofs``), and every stage keeps the ring 128-byte aligned."""
+    from cukv import attention_decode as ad  # noqa: PLC0415
+
+    for R in (36, 40, 68, 72, 132, 260):
+        for n_kv in (1, 2, 3):
+            for kpack in (1, 2, 4):
+                box = ad._tma_box(R, n_kv, kpack)
+                assert box % 16 == 0
+                for h in range(n_kv):   # head h's last row ends inside the box started at its boundary
+                    assert (h * R) % 16 + (kpack - 1) * n_kv * R + R <= box, (R, n_kv, kpack, h)
+                stage, ring = ad._ring(box, 2, tma=True, kpack=kpack)
+                vofs = -(-(16 // kpack * box) // 128) * 128
+                assert stage % 128 == 0 and ring % 128 == 0 and vofs + 16 // kpack * box <= stage - 128
+    assert ad._ring(80, 2, tma=True) == ad._ring(80, 2, tma=True, kpack=1) == (32 * 80 + 128, 5760)
+
+
 def test_numpy_path_matches_reference(rng):
     c = Case(rng, "int4:g2", 64, 4, (0, 3, 50), paged=True, page_size=7)
     out, lse = cukv.decode_attention(*c.args(np), return_lse=True, **c.kw(np))
