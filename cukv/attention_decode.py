@@ -25,8 +25,8 @@ _SMEM_TARGET = 112 * 1024             # per CTA: two CTAs fit one H100 SM
 _MAX_AUTO_SPLITS = 128
 _TUNE: dict = {}                      # tuning overrides (benchmarks only): nw, smem_target, head_major, occ,
                                       # tma, stream, records, stream_occ, stream_any, l2_promotion
-_LAST: dict = {}                      # the last launch's schedule ("split" / "stream" / "records") and
-                                      # CTA count (tests and scripts/bench_decode.py read it)
+_LAST: dict = {}                      # the last launch's schedule ("split" / "stream" / "records"), CTA
+                                      # count and kpack (tests and scripts/bench_decode.py read it)
 
 _MERGE_WARPS = 8                      # warps per merge block (decode_attn_merge*<NWM, WIDE>)
 _STREAM_MAX_B = 512                   # the stream schedule's prologue scans every lane's length per CTA
@@ -302,8 +302,8 @@ def _merge_launch(name: str, n_tasks: int, partials: float, D: int):
     """(kernel, grid, block) of a merge, launched with PDL (see :func:`_compile.launch`). With many
     partials per (lane, head) task (>= 64) a block of 8 warps merges 32 columns of a task (the warps
     split its partials); else each warp merges one task (with 16.5 partials, int4 records B16 T16384,
-    the 2048 blocks of 32 columns took a call from 149 to 173 us). H100, fp8 records, 32/8 heads, D128, time a
-    call spends after the decode kernel (B64 T4096 / B16 T16384 / B128 T2048 / B1 T131072): plain
+    the 2048 blocks of 32 columns took a call from 149 to 173 us). H100, fp8 records, 32/8 heads, D128,
+    time a call spends after the decode kernel (B64 T4096 / B16 T16384 / B128 T2048 / B1 T131072): plain
     launch 6.1 / 5.9 / 9.2 / 10.3 us, PDL 4.4 / 4.2 / 7.1 / 9.5 us; the 32-column blocks then took B1
     from 114.5 to 111.8 us."""
     wide = partials >= 64
@@ -424,9 +424,9 @@ def run(p: Plan, *, partials: bool = False, dots: bool = False, num_splits: int 
     # kpack at a time: a box row is kpack consecutive records (16-byte aligned), the head's kpack rows
     # in it, where that reads at most twice the head's bytes. H100, fp8 B16 T16384 D128, the split
     # schedule: 16/2 heads 159.3 -> 60.6 us, 8/1 85.6 -> 38.9 us (4-byte cp.async pieces before; measured
-    # before split ranges were aligned to 16 keys, which the box rows need). Split
-    # ranges then start at multiples of 16 keys (every layout alike, so the bytes do not depend on it),
-    # except where the partials are returned (gqa_attn_splitk keeps FBGEMM's ranges and kpack = 1).
+    # before split ranges were aligned to 16 keys, which the box rows need). Split ranges then start at
+    # multiples of 16 keys (every layout alike, so the bytes do not depend on it), except where the
+    # partials are returned (gqa_attn_splitk keeps FBGEMM's ranges and kpack = 1).
     kpack = 16 // math.gcd(cs1, 16) if cs1 % 4 == 0 else 0
     T = int(ck.shape[1])
     if (kpack and (kpack == 1 or not partials) and kind != "bf16" and fp8_mode != 1 and not g.paged
@@ -603,7 +603,10 @@ def decode_attention(q, cache_k, cache_v, seqlens, *, fmt=None, qparam_k=None, q
     tolerances unchanged). The query heads sharing a KV head (up to 16 per CTA) are served by one pass
     over that head's cache; shared memory does not grow with the context. On sm_90 a contiguous
     quantized cache whose token records are 16-byte aligned is read with TMA tensor copies (a 16-key
-    block of one head per copy); other layouts use ``cp.async``. Both give the same bytes of output.
+    block of one head per copy), as is one whose records are 4- or 8-byte aligned (fp8 with 1 or 2 KV
+    heads: 4 or 2 records a box row) where that reads at most twice the head's bytes; other layouts use
+    ``cp.async``. Both give the same bytes of output (where the partials stay internal, split ranges
+    start at multiples of 16 keys for every layout).
     With automatic splits, up to 512 lanes and 16-byte aligned token records, a cache read with tensor
     copies takes the stream schedule instead where it measured faster on the H100 (one wave of
     persistent CTAs, each streaming an equal share of all lanes' keys): fp8 and int4 with 8 KV heads, a
