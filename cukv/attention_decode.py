@@ -429,12 +429,12 @@ def run(p: Plan, *, partials: bool = False, dots: bool = False, num_splits: int 
     # partials are returned (gqa_attn_splitk keeps FBGEMM's ranges and kpack = 1).
     kpack = 16 // math.gcd(cs1, 16) if cs1 % 4 == 0 else 0
     T = int(ck.shape[1])
+    box_w = _tma_box(R_bytes, nkv, kpack) if kpack else 0
     if (kpack and (kpack == 1 or not partials) and kind != "bf16" and fp8_mode != 1 and not g.paged
             and _TUNE.get("tma", True)
             and _device_info(cp)[3] >= 90 and T % kpack == 0 and R_bytes % 4 == 0 and cs2 == R_bytes
             and all(a.flags.c_contiguous and a.data.ptr % 16 == 0 for a in (ck, cv))
-            and (kpack == 1 and fast or _tma_box(R_bytes, nkv, kpack) <= 2 * kpack * R_bytes)):
-        box_w = _tma_box(R_bytes, nkv, kpack)
+            and (fast if kpack == 1 else box_w <= 2 * kpack * R_bytes)):
         elem = 1 if kpack == 1 else 8
         mk = (_tensor_map(pk, kpack * cs1, T // kpack, B, box_w, elem, 16 // kpack)
               if box_w <= 256 * elem else None)
