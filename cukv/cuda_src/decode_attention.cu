@@ -573,13 +573,13 @@ __global__ void __launch_bounds__(STREAM == 2 ? 256 : 128,
           const int ih = STREAM ? ic.hy / n_hg : kvh, ipad = STREAM ? tma_pad(ih) : pad_k;
           const u32 bar = bar_s + 8 * s;
           masks[s] = nk >= 16 ? 0xffffu : (1u << nk) - 1u;
-          mbar_expect_tx(bar, (u32)(16 / kpack) * (u32)(sK + sV));
+          mbar_expect_tx(bar, (u32)(16 >> kp_shift) * (u32)(sK + sV));
           const u32 st_s = smem_s + (u32)(wbase + s * stage_bytes - smem);
           // a box starts on a 16-byte boundary of the record: the row lands at pad (its address mod 16);
-          // kpack > 1: box rows of kpack records, the box's x in 8-byte elements
-          const int bx = kpack == 1 ? ih * R - ipad : (ih * R - ipad) >> 3;
-          tma_load_3d(st_s, &tmk, bx, t0 / kpack, ib, bar);
-          tma_load_3d(st_s + vofs, &tmv, bx, t0 / kpack, ib, bar);
+          // kp > 1: box rows of kp records, the box's x in 8-byte elements
+          const int bx = kp == 1 ? ih * R - ipad : (ih * R - ipad) >> 3;
+          tma_load_3d(st_s, &tmk, bx, t0 >> kp_shift, ib, bar);
+          tma_load_3d(st_s + vofs, &tmv, bx, t0 >> kp_shift, ib, bar);
         }
         cp_async_commit();
         __syncwarp();
@@ -824,7 +824,7 @@ __global__ void __launch_bounds__(STREAM == 2 ? 256 : 128,
       phase ^= 1u << s;
       if (nk < 16) {   // keys past the split were loaded (in bounds): zero their V rows (0 * NaN)
         u8* sv = wbase + s * stage_bytes + vofs;
-        if (kpack == 1) {
+        if (kp == 1) {
           for (int o = 16 * lane; o < (16 - nk) * sV; o += 512)
             *reinterpret_cast<uint4*>(sv + nk * sV + o) = make_uint4(0, 0, 0, 0);
         } else {
@@ -1188,10 +1188,10 @@ __global__ void __launch_bounds__(STREAM == 2 ? 256 : 128,
 // units), l_s = lrow[s * mstep]. A team merges a task: one warp (WIDE = false: a block serves NWM
 // tasks, no block barrier), or the NWM warps of a block (WIDE, many partials: warp w takes s = w, w +
 // NWM, .., each block one 32-column slice of its task). Lane k holds the V columns from k*V of a row
-// (V = D/32, WIDE: 1). The merge is latency-bound, so the
-// first CH rows of a warp are loaded before the (m, l) reduction needs them and every later chunk of
-// CH rows is loaded at once: with a few partials per task (the usual stream schedule) a task costs two
-// memory round trips. Fixed order throughout: deterministic.
+// (V = D/32, WIDE: 1). The merge is latency-bound, so the first CH rows of a warp are loaded before
+// the (m, l) reduction needs them and every later chunk of CH rows is loaded at once: with a few
+// partials per task (the usual stream schedule) a task costs two memory round trips. Fixed order
+// throughout: deterministic.
 template <int V>   // floats per lane: D / 32 (WIDE: 1)
 __device__ __forceinline__ void ld_cols(const float* p, float (&x)[V]) {
   if (V == 1) {
