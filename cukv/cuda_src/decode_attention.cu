@@ -56,6 +56,15 @@
 // At the end the warps of a CTA are merged through shared memory; a single split writes out/lse
 // directly, otherwise the unnormalised a, m, l of the split go to float32 partials for the merge.
 //
+// Measured on the H100 and not kept (same-run A/B at the bench shapes, 32/8 heads, D128): the last warp
+// done with a records stage issuing the next copies into it, instead of thread 0 waiting for the stage
+// (int4:g4 +3%, fp8 +0.7%); lazy rescaling, the running max moved only where a score exceeds it by 8 in
+// log2 units (fp8 +1.3%, int4 unchanged); a third records stage (int4 +3-4% at B64 / B128; fp8 -1.5% at
+// B1 but +1-2% at B64 / B16); int4 V decoded as key pairs, 16 fewer byte permutes a block (+0.3-0.8 us:
+// int4 is not bound by its instruction count, see ncu: 66% issue, 1.4 eligible warps a scheduler); bf16
+// through tensor copies (unchanged, 93-95% of copy either way); 16 or 24 merge rows in flight for D128
+// (int4 B16 -2 us, B128 +1.5 us).
+//
 // Numerics. The math definition uses the dequantized bf16 values k^, v^ of SPEC §2.3-§2.5; the
 // result must meet SPEC §11.2 against a float64 reference over them.
 //   K: dequantized exactly (so scores, lse and the raw `dots` carry only fp32 accumulation error):
