@@ -348,10 +348,10 @@ __device__ __forceinline__ u32 pair_sel(u32 a, u32 b, int hi) {
 }
 
 // ------------------------------------------------------------------------------------ the kernel
-template <int KIND, int D, int NT, int STREAM>
+template <int KIND, int D, int NTP, int STREAM>
 __global__ void __launch_bounds__(STREAM == 2 ? 256 : 128,
-                                  STREAM == 2 ? (D * NT > 128 ? 1 : 2)
-                                  : D * NT > 128 ? 1 : KIND == KIND_INT4 ? CUKV_DA_MINB : KIND == KIND_FP8 ? CUKV_DA_MINB_FP8 : 1)
+                                  STREAM == 2 ? (D * (NTP ? NTP : 1) > 128 ? 1 : 2)
+                                  : D * (NTP ? NTP : 1) > 128 ? 1 : KIND == KIND_INT4 ? CUKV_DA_MINB : KIND == KIND_FP8 ? CUKV_DA_MINB_FP8 : 1)
     decode_attn(
     const u16* __restrict__ q, const u8* __restrict__ ck, const u8* __restrict__ cv,
     const void* __restrict__ qpk, const void* __restrict__ qpv, const int* __restrict__ block_tables,
@@ -362,6 +362,10 @@ __global__ void __launch_bounds__(STREAM == 2 ? 256 : 128,
     float* __restrict__ part_ml, float* __restrict__ dots, int dots_cap, int n_lanes, int kpack, int split_align,
     const __grid_constant__ Tmap tmk, const __grid_constant__ Tmap tmv) {
   typedef Geo<KIND, D> G_;
+  // NTP = 0 (HALF, <= 4 query heads a KV head, bf16 / int4): one head tile whose columns n are head
+  // n & 3 and d half n >> 2 of the P.V product (see there), so o holds KS / 2 m-tiles, not KS.
+  constexpr bool HALF = NTP == 0;
+  constexpr int NT = HALF ? 1 : NTP, OT = HALF ? G_::KS / 2 : G_::KS;
   constexpr int KS = G_::KS, STAGES = STREAM == 2 ? CUKV_DA_STAGES_REC : G_::STAGES;
   if (STREAM) pdl_trigger();   // one wave: the merge's blocks may take the SMs' spare slots now
   constexpr bool FOLD = KIND == KIND_FP8;   // V scale/shift folded into P / a per-head fp32 sum
@@ -369,6 +373,13 @@ __global__ void __launch_bounds__(STREAM == 2 ? 256 : 128,
   const u32 smem_s = smem_u32(smem);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
   const int g = lane >> 2, tid = lane & 3;
+  // the query heads of this thread's score / output columns: 8*hh + hb + (0, 1); HALF: threads tid and
+  // tid + 2 hold the same heads (their d halves differ), the first of them writes m and l
+  const int hb = HALF ? 2 * (tid & 1) : 2 * tid;
+  // the keys of this thread's score rows: kg and 8 + kg (HALF: mma row 2i is key i, row 2i + 1 key
+  // i + 4, so that the transposed probabilities hold keys t and t + 4, see the P.V product)
+  const int kg = HALF ? (g >> 1) + 4 * (g & 1) : g;
+  const bool ml_w = !HALF || tid < 2;
   const int r = n_heads / n_kv, n_hg = (r + 15) >> 4, n_items = n_kv * n_hg;
   auto lane_len = [&](int bb) { return lane_keys(seqlens, bb, capacity); };
   // the item (lane b, KV head x head group hy) served: query heads h0 .. h0 + nh - 1, keys [start, end)
@@ -477,7 +488,7 @@ __global__ void __launch_bounds__(STREAM == 2 ? 256 : 128,
         const int e0 = k_elem<KIND, D>(lc, tt, 2 * wd), e1 = k_elem<KIND, D>(lc, tt, 2 * wd + 1);
 #pragma unroll
         for (int half = 0; half < 2; ++half) {
-          const int row = gg + 8 * half;
+          const int row = HALF ? (gg & 3) : gg + 8 * half;   // (HALF: column gg is head gg & 3)
           u32 v = 0;
           if (row < nh) {
             const u16* qr = q + ((i64)b * n_heads + h0 + row) * D;
@@ -697,7 +708,7 @@ __global__ void __launch_bounds__(STREAM == 2 ? 256 : 128,
     __syncwarp();
   };
 
-  float o[NT][KS][4];
+  float o[NT][OT][4];
   // running max / sum of heads 8*hh + 2*tid + k (l_run, z_run: over this thread's keys only)
   float m_run[NT][2], l_run[NT][2], z_run[NT][2];
   // fp8 V fold (see the header): o is kept in units of 2^(e_run - 127), z_run = sum_t p_t shift_t.
@@ -706,7 +717,7 @@ __global__ void __launch_bounds__(STREAM == 2 ? 256 : 128,
 #pragma unroll
     for (int a = 0; a < NT; ++a)
 #pragma unroll
-      for (int mt = 0; mt < KS; ++mt)
+      for (int mt = 0; mt < OT; ++mt)
 #pragma unroll
         for (int c = 0; c < 4; ++c) o[a][mt][c] = 0.0f;
 #pragma unroll
@@ -744,13 +755,15 @@ __global__ void __launch_bounds__(STREAM == 2 ? 256 : 128,
     }
   };
   // the d columns of o[.][mt][0, 1] (dA) and o[.][mt][2, 3] (dB) this thread holds
+  // (HALF: positions 2 mm + h of the chunks, h = tid >> 1 the d half of this thread's columns)
   auto o_cols = [&](int mt, int& dA, int& dB) {
     constexpr int NG = D == 256 ? 2 : 1;
-    constexpr int MPG = KS / NG;
+    constexpr int MPG = OT / NG;
     const int grp = mt / MPG, mm = mt - grp * MPG;
     const int cA = grp, cB = D == 64 ? 0 : grp + G_::VCH / 2;
-    const int pA = D == 64 ? mm : (mm & 7);
-    const int pB = D == 64 ? mm + 4 : (mm & 7);
+    const int pm = HALF ? 2 * mm + (tid >> 1) : mm;
+    const int pA = D == 64 ? pm : (pm & 7);
+    const int pB = D == 64 ? pm + 4 : (pm & 7);
     dA = 8 * (g + 8 * cA) + chunk_perm<KIND>(pA);
     dB = 8 * (g + 8 * cB) + chunk_perm<KIND>(pB);
   };
@@ -765,9 +778,9 @@ __global__ void __launch_bounds__(STREAM == 2 ? 256 : 128,
     float* pa = part_a + slot * hs * D;
 #pragma unroll
     for (int hh = 0; hh < NT; ++hh) {
-      const int hl = 8 * hh + 2 * tid;
+      const int hl = 8 * hh + hb;
 #pragma unroll
-      for (int mt = 0; mt < KS; ++mt) {
+      for (int mt = 0; mt < OT; ++mt) {
         int dA, dB;
         o_cols(mt, dA, dB);
         if (hl < nh) {
@@ -779,7 +792,7 @@ __global__ void __launch_bounds__(STREAM == 2 ? 256 : 128,
           pa[(hl + 1) * D + dB] = o[hh][mt][3] * o_unit + z_run[hh][1];
         }
       }
-      if (g == 0) {
+      if (g == 0 && ml_w) {
 #pragma unroll
         for (int k = 0; k < 2; ++k)
           if (hl + k < nh) {
@@ -866,7 +879,7 @@ __global__ void __launch_bounds__(STREAM == 2 ? 256 : 128,
     };
 
     // ---- S^T = K Q^T (keys on the mma rows, so 8 query heads fill an n-tile): this thread decodes
-    // keys g and 8 + g; sc[hh][c] is (key g + 8*(c>>1), head 8*hh + 2*tid + (c&1)).
+    // keys kg and 8 + kg; sc[hh][c] is (key kg + 8*(c>>1), head 8*hh + hb + (c&1)).
     // (two accumulator chains per tile, even and odd k-steps, for latency: summed below; int4 has
     // no registers to spare)
     // int4: the identity B fragment of widen_int4 (1.0 where k-slot 2*tid (+1) is column g)
@@ -877,9 +890,9 @@ __global__ void __launch_bounds__(STREAM == 2 ? 256 : 128,
 #pragma unroll
       for (int c = 0; c < 4; ++c) sc[hh][c] = sc2[hh][c] = 0.0f;
     {
-      const u8* kr0 = stK + rowK(g);
-      const u8* kr1 = stK + rowK(8 + g);
-      const RowQ q0 = row_q(kr0, g, false), q1 = row_q(kr1, 8 + g, false);
+      const u8* kr0 = stK + rowK(kg);
+      const u8* kr1 = stK + rowK(8 + kg);
+      const RowQ q0 = row_q(kr0, kg, false), q1 = row_q(kr1, 8 + kg, false);
 #pragma unroll
       for (int u = 0; u < G_::KU; ++u) {
         u32 raw0[G_::UB / 4], raw1[G_::UB / 4];
@@ -926,7 +939,7 @@ __global__ void __launch_bounds__(STREAM == 2 ? 256 : 128,
       for (int c = 0; c < 4; ++c) sc[hh][c] += sc2[hh][c];
 
     // ---- scores (log2 units; masked keys -inf)
-    const bool ok_lo = (vm >> g) & 1u, ok_hi = (vm >> (8 + g)) & 1u;
+    const bool ok_lo = (vm >> kg) & 1u, ok_hi = (vm >> (8 + kg)) & 1u;
     float x[NT][4];
 #pragma unroll
     for (int hh = 0; hh < NT; ++hh)
@@ -934,29 +947,29 @@ __global__ void __launch_bounds__(STREAM == 2 ? 256 : 128,
       for (int c = 0; c < 4; ++c) {
         const bool ok = c < 2 ? ok_lo : ok_hi;
         x[hh][c] = ok ? sc[hh][c] * scale_log2 : CUKV_NEG_INF;
-        if (dots != nullptr && ok) {
-          const int head = 8 * hh + 2 * tid + (c & 1), key = g + 8 * (c >> 1);
+        if (dots != nullptr && ok && ml_w) {
+          const int head = 8 * hh + hb + (c & 1), key = kg + 8 * (c >> 1);
           if (head < nh) dots[((i64)b * n_heads + h0 + head) * dots_cap + t0 + key] = sc[hh][c];
         }
       }
 
-    // ---- V rows of this thread in the P.V product: keys 2t, 2t+1, 8+2t, 8+2t+1.
+    // ---- V rows of this thread in the P.V product: keys 2t, 2t+1, 8+2t, 8+2t+1 (HALF: t, t+4, 8+t, 12+t).
     auto v_rows = [&](const u8* (&vr)[4], RowQ (&vq)[4]) {
 #pragma unroll
       for (int k = 0; k < 4; ++k) {
-        const int key = (k >> 1) * 8 + 2 * tid + (k & 1);
+        const int key = (k >> 1) * 8 + (HALF ? tid + 4 * (k & 1) : 2 * tid + (k & 1));
         vr[k] = stV + rowV(key);
         vq[k] = row_q(vr[k], key, true);
       }
     };
     const u8* vr[4];
     RowQ vq[4];
-    // fp8: the V scales are folded into the probabilities (keys g, 8 + g here). e_run: the largest
+    // fp8: the V scales are folded into the probabilities (keys kg, 8 + kg here). e_run: the largest
     // biased fp32 exponent of any V scale seen so far (warp-uniform); p'_t = p_t * scale_t *
     // 2^(127 - e_run) < 2 in fp16.
     float fe = 1.0f, sf[2] = {1.0f, 1.0f}, zs[2] = {0.0f, 0.0f};
     if (FOLD) {
-      const RowQ va = row_q(stV + rowV(g), g, true), vb = row_q(stV + rowV(8 + g), 8 + g, true);
+      const RowQ va = row_q(stV + rowV(kg), kg, true), vb = row_q(stV + rowV(8 + kg), 8 + kg, true);
       u32 eb = max(__float_as_uint(va.s) & 0x7f800000u, __float_as_uint(vb.s) & 0x7f800000u);
       eb = max(eb, (u32)__shfl_xor_sync(CUKV_FULL_MASK, eb, 4));
       eb = max(eb, (u32)__shfl_xor_sync(CUKV_FULL_MASK, eb, 8));
@@ -991,19 +1004,20 @@ __global__ void __launch_bounds__(STREAM == 2 ? 256 : 128,
         l_run[hh][k] = l_run[hh][k] * alpha[k] + (p[k] + p[2 + k]);   // this thread's keys only
         if (FOLD) z_run[hh][k] = z_run[hh][k] * alpha[k] + (p[k] * zs[0] + p[2 + k] * zs[1]);
       }
-      // O^T columns of this head tile are heads 8*hh + 2*tid and + 1: their alphas are local.
+      // O^T columns of this head tile are heads 8*hh + hb and + 1: their alphas are local.
       if (__any_sync(CUKV_FULL_MASK, alpha[0] != 1.0f || alpha[1] != 1.0f) || fe != 1.0f) {
         const float a_lo = alpha[0] * fe, a_hi = alpha[1] * fe;
 #pragma unroll
-        for (int mt = 0; mt < KS; ++mt) {
+        for (int mt = 0; mt < OT; ++mt) {
           o[hh][mt][0] *= a_lo;
           o[hh][mt][1] *= a_hi;
           o[hh][mt][2] *= a_lo;
           o[hh][mt][3] *= a_hi;
         }
       }
-      // P^T fragments (B of the P.V product: keys 2t, 2t+1 / 8+2t, 8+2t+1 of head 8*hh + g) are the
-      // transposes of the 8x8 tiles (key g / 8+g; heads 2t, 2t+1) this thread holds.
+      // P^T fragments (B of the P.V product: keys 2t, 2t+1 / 8+2t, 8+2t+1 of head 8*hh + g; HALF: keys
+      // t, t+4 / 8+t, 12+t of column g) are the transposes of the 8x8 tiles (key kg / 8+kg; heads hb,
+      // hb+1) this thread holds.
       u32 t_lo, t_hi;
       if (KIND == KIND_BF16) {
         t_lo = pack_bf16x2(p[0], p[1]);
@@ -1024,7 +1038,32 @@ __global__ void __launch_bounds__(STREAM == 2 ? 256 : 128,
 #pragma unroll
       for (int grp = 0; grp < NG; ++grp) {
         const int cA = grp, cB = D == 64 ? 0 : grp + G_::VCH / 2;
-        if (FOLD) {
+        if (FOLD && HALF) {
+          // fp8, <= 4 heads (see the HALF product below): an A word is two positions of one key, so
+          // one cvt of two adjacent code bytes (no byte permutes)
+          const u32 s0 = g < 4 ? 0x4410u : 0x1044u, s1 = g < 4 ? 0x4432u : 0x3244u;
+#pragma unroll
+          for (int kh = 0; kh < 2; ++kh) {
+            u32 RA[2][2], RB[2][2];
+#pragma unroll
+            for (int k = 0; k < 2; ++k) {
+              lds<KIND, 8>(vr[2 * kh + k] + po_v + (g + 8 * cA) * 8, RA[k]);
+              if (D != 64) lds<KIND, 8>(vr[2 * kh + k] + po_v + (g + 8 * cB) * 8, RB[k]);
+            }
+            const u32 b0 = __byte_perm(pb[0][kh], 0u, s0), b1 = __byte_perm(pb[0][kh], 0u, s1);
+            constexpr int MPH = OT / NG;
+            const u32(&XB)[2][2] = D == 64 ? RA : RB;
+#pragma unroll
+            for (int mm = 0; mm < MPH; ++mm) {
+              const int mt = grp * MPH + mm;
+              const int wB = D == 64 ? mm + 2 : mm;   // positions (2 wB, 2 wB + 1): byte pair wB
+              auto cv2 = [&](const u32(&R)[2][2], int k, int w) {
+                return (w & 1) ? e4m3x2_hi_to_f16x2(R[k][w >> 1]) : e4m3x2_to_f16x2(R[k][w >> 1]);
+              };
+              mma_f16(o[0][mt], cv2(RA, 0, mm), cv2(XB, 0, wB), cv2(RA, 1, mm), cv2(XB, 1, wB), b0, b1);
+            }
+          }
+        } else if (FOLD) {
           // fp8: A = the exact e4m3 values as fp16. One byte permute pairs a position of two keys
           // (two positions per permute), one cvt gives the fp16 pair.
           u32 RA[4][2], RB[4][2];
@@ -1054,6 +1093,39 @@ __global__ void __launch_bounds__(STREAM == 2 ? 256 : 128,
               const u32 a3 = h ? e4m3x2_hi_to_f16x2(w23B) : e4m3x2_to_f16x2(w23B);
 #pragma unroll
               for (int hh = 0; hh < NT; ++hh) mma_f16(o[hh][mt], a0, a1, a2, a3, pb[hh][0], pb[hh][1]);
+            }
+          }
+        } else if (HALF) {
+          // <= 4 heads: the reduction index k of a product is (key i of a half block, d half h) =
+          // 2i + h, and column n of B is head n & 3 with d half n >> 2: B = P where h == n >> 2, else 0.
+          // So C[d row][n] = sum_i V[i][d(row, n >> 2)] P[i][n & 3], both d halves of a row in one tile
+          // (KS / 2 accumulator tiles), and A words are one key's decoded positions (2 mm, 2 mm + 1):
+          // no pairing of two keys. kh: keys 8*kh + (t, t + 4) of this thread (vr[2 kh], vr[2 kh + 1]).
+          const u32 s0 = g < 4 ? 0x4410u : 0x1044u, s1 = g < 4 ? 0x4432u : 0x3244u;   // P lo / hi into h
+#pragma unroll
+          for (int kh = 0; kh < 2; ++kh) {
+            u32 VA[2][4], VB[2][4];
+#pragma unroll
+            for (int k = 0; k < 2; ++k) {
+              u32 raw[G_::CB / 4];
+              const int cva = g + 8 * cA;
+              lds<KIND, G_::CB>(vr[2 * kh + k] + po_v + cva * G_::CB, raw);
+              pre_chunk<KIND, D>(raw, cva, vq[2 * kh + k], gshift, VA[k]);
+              if (D != 64) {
+                const int cvb = g + 8 * cB;
+                lds<KIND, G_::CB>(vr[2 * kh + k] + po_v + cvb * G_::CB, raw);
+                pre_chunk<KIND, D>(raw, cvb, vq[2 * kh + k], gshift, VB[k]);
+              }
+            }
+            const u32 b0 = __byte_perm(pb[0][kh], 0u, s0), b1 = __byte_perm(pb[0][kh], 0u, s1);
+            constexpr int MPH = OT / NG;
+#pragma unroll
+            for (int mm = 0; mm < MPH; ++mm) {
+              const int mt = grp * MPH + mm;
+              const int wB = D == 64 ? mm + 2 : mm;   // the word of positions (pB, pB + 1)
+              const u32(&XB)[2][4] = D == 64 ? VA : VB;
+              if (KIND == KIND_BF16) mma_bf16(o[0][mt], VA[0][mm], XB[0][wB], VA[1][mm], XB[1][wB], b0, b1);
+              else mma_f16(o[0][mt], VA[0][mm], XB[0][wB], VA[1][mm], XB[1][wB], b0, b1);
             }
           }
         } else {
@@ -1141,20 +1213,20 @@ __global__ void __launch_bounds__(STREAM == 2 ? 256 : 128,
   float* cz = cl + nw * 16;                                       // [nw][16] (fp8: sum p*shift)
 #pragma unroll
   for (int hh = 0; hh < NT; ++hh) {
-    if (g == 0) {
+    if (g == 0 && ml_w) {
 #pragma unroll
       for (int k = 0; k < 2; ++k) {
-        const int head = 8 * hh + 2 * tid + k;
+        const int head = 8 * hh + hb + k;
         cm[warp * 16 + head] = m_run[hh][k];
         cl[warp * 16 + head] = l_run[hh][k];
         cz[warp * 16 + head] = FOLD ? z_run[hh][k] : 0.0f;
       }
     }
 #pragma unroll
-    for (int mt = 0; mt < KS; ++mt) {
+    for (int mt = 0; mt < OT; ++mt) {
       int dA, dB;
       o_cols(mt, dA, dB);
-      float* ob = cO + (warp * 16 + 8 * hh + 2 * tid) * D;
+      float* ob = cO + (warp * 16 + 8 * hh + hb) * D;
       ob[dA] = o[hh][mt][0] * o_unit;
       ob[D + dA] = o[hh][mt][1] * o_unit;
       ob[dB] = o[hh][mt][2] * o_unit;
