@@ -184,6 +184,37 @@ def test_unaligned_rows_fast_copy(gpu, rng, fmt, D, paged):
     check_attention(out, lse, O64, lse64, f"{fmt} D={D} paged={paged}")
 
 
+@pytest.mark.parametrize("fmt,D,n_kv,r", [
+    ("bf16", 128, 8, 4), ("fp8", 128, 8, 4), ("int4:g4", 128, 8, 4), ("fp8_head", 64, 4, 2), ("int4:g1", 64, 2, 1),
+    ("bf16", 256, 2, 3), ("fp8", 256, 1, 4), ("int4:g8", 256, 4, 2),
+])
+def test_half_tile_matches_full_tile(gpu, rng, fmt, D, n_kv, r):
+    """With <= 4 query heads a KV head the kernel runs the HALF head tile (both d halves of the heads in
+    one n-tile, permuted score rows); it must meet the float64 bounds and agree with the full 8-head
+    tile for split (1, 3) and automatic (stream / records) schedules."""
+    import cupy as cp  # noqa: PLC0415
+
+    from cukv import attention_decode as ad  # noqa: PLC0415
+
+    c = Case(rng, fmt, D, r * n_kv, (0, 1, 17, 700, 2053), n_kv=n_kv)
+    O64, lse64 = c.exact()
+    try:
+        for S in (1, 3, None):
+            res = []
+            for half in (True, False):
+                ad._TUNE["half"] = half
+                dirty_pool(gpu, c.q.shape, c.q.shape[:2])
+                res.append(cukv.decode_attention(*c.args(gpu), return_lse=True, num_splits=S, **c.kw(gpu)))
+                check_attention(*res[-1], O64, lse64, f"{fmt} D={D} n_kv={n_kv} r={r} S={S} half={half}")
+            (o1, l1), (o2, l2) = res
+            d = cp.abs(o1.astype(cp.float32) - o2.astype(cp.float32))
+            assert float(d.max()) <= 2e-2, (fmt, S, float(d.max()))
+            assert float(cp.nanmax(cp.abs(l1 - l2)[cp.isfinite(l2)])) <= 1e-3, (fmt, S)
+            assert cp.array_equal(cp.isfinite(l1), cp.isfinite(l2)), (fmt, S)
+    finally:
+        ad._TUNE.pop("half", None)
+
+
 @pytest.mark.parametrize("fmt,D,n_kv,kpack", [
     ("fp8", 128, 8, 1), ("fp8", 64, 4, 1), ("fp8_head", 128, 2, 1), ("int4:g4", 128, 8, 1), ("int4:g1", 64, 4, 1),
     ("int4:g8", 256, 1, 1),

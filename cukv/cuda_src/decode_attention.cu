@@ -1,11 +1,12 @@
 // cukv/cuda_src/decode_attention.cu: split-K decode attention straight over bf16 / FP8 / INT4 caches
 // (SPEC §8.1). One query token per lane; the cache is read once per split, dequantized in registers.
 //
-// decode_attn<KIND, D, NT>: one CTA per (split, KV head x head group, lane). It serves the (up to 16)
+// decode_attn<KIND, D, NT, STREAM>: one CTA per (split, KV head x head group, lane). It serves the (up to 16)
 //   query heads of one head group that share a KV head, so every K/V row of the split is loaded once
 //   for all of them. KIND: 0 bf16, 1 fp8 (inline words, external int32 words, or fp8_head float32
-//   scales: `fp8_mode` 0/1/2), 2 int4 (G groups, `gshift` = log2(D/G)). NT = 1 for <= 8 query heads
-//   per KV head, 2 for 9..16 (the score and PV products then need two n-tiles of 8 heads).
+//   scales: `fp8_mode` 0/1/2), 2 int4 (G groups, `gshift` = log2(D/G)). NT (the template's NTP) = 1
+//   for 5..8 query heads per KV head, 2 for 9..16 (the score and PV products then need two n-tiles of 8
+//   heads), 0 (HALF) for <= 4: one n-tile whose columns n are head n & 3 and d half n >> 2 (below).
 //   STREAM = 0: the split schedule above. STREAM = 1, 2 (fp8 / int4, sm_90 tensor copies): one wave of
 //   persistent CTAs; warp W = k * n_items + hy is item hy (KV head x head group) of position stream k,
 //   which takes the 16-key blocks [k*N/PS, (k+1)*N/PS) of all lanes' N blocks (ordered lane, block)
@@ -53,6 +54,13 @@
 //     after a max over the 8 lanes of its column; the sums are per-thread partials reduced at the end.
 //   O^T[d, h] += V^T P^T with mma (A = V^T: 16 d rows x 16 keys, B = P^T: the 8x8 tiles of P the
 //     thread holds, transposed in registers with movmatrix, so P never goes through shared memory).
+//   HALF (<= 4 heads): the q fragments repeat the heads in columns 4-7 and the score rows are permuted
+//     (mma row 2i = key i, 2i+1 = key i+4 of a half block), so the transposed P tile of a thread holds
+//     keys t and t+4. A P.V product then covers 8 keys, reduction index 2i + h (key i, d half h), with
+//     B = P where h == n >> 2, else 0 (one byte permute): C[d][n] = sum_i V[i][d | half n >> 2] P[i][n & 3].
+//     Half the accumulators (KS/2 tiles), and an A word is two positions of one key as decoded (int4,
+//     bf16) or one cvt of two adjacent e4m3 codes (fp8): no pairing permutes. H100, 32/8 heads D128:
+//     int4:g4 -2.5-4%, fp8 -0-0.6%, bf16 -0-0.5%.
 // At the end the warps of a CTA are merged through shared memory; a single split writes out/lse
 // directly, otherwise the unnormalised a, m, l of the split go to float32 partials for the merge.
 //
@@ -63,7 +71,14 @@
 // B1 but +1-2% at B64 / B16); int4 V decoded as key pairs, 16 fewer byte permutes a block (+0.3-0.8 us:
 // int4 is not bound by its instruction count, see ncu: 66% issue, 1.4 eligible warps a scheduler); bf16
 // through tensor copies (unchanged, 93-95% of copy either way); 16 or 24 merge rows in flight for D128
-// (int4 B16 -2 us, B128 +1.5 us).
+// (int4 B16 -2 us, B128 +1.5 us). With HALF, int4:g4 records: three CTAs per SM (80 registers, no
+// spills) 150-155 us vs 142-146 (and 80 registers at two CTAs, so that a merge block fits beside them:
+// 151-155 us; the 80-register code is the slower part); two K accumulator chains (unchanged); a third
+// stage again (ncu: kernel -0.6%, but the merge's blocks no longer fit beside the ring: call +3%);
+// streams taken in interleaved pairs of blocks (DRAM-side, with the arithmetic compiled out: <= 1 us).
+// With the arithmetic compiled out the int4:g4 records ring alone takes 133.9 / 133.2 / 136.5 / 74.3 us
+// (B64 / B16 / B128 / B1; 1 CTA per SM: 130.5 / 129.5 / 134.6 / 70.4), against 142 / 142.5 / 145.5 /
+// 80.5 us with it: the memory pipeline, not the arithmetic, sets most of the int4 time.
 //
 // Numerics. The math definition uses the dequantized bf16 values k^, v^ of SPEC §2.3-§2.5; the
 // result must meet SPEC §11.2 against a float64 reference over them.
@@ -350,8 +365,9 @@ __device__ __forceinline__ u32 pair_sel(u32 a, u32 b, int hi) {
 // ------------------------------------------------------------------------------------ the kernel
 template <int KIND, int D, int NTP, int STREAM>
 __global__ void __launch_bounds__(STREAM == 2 ? 256 : 128,
-                                  STREAM == 2 ? (D * (NTP ? NTP : 1) > 128 ? 1 : 2)
-                                  : D * (NTP ? NTP : 1) > 128 ? 1 : KIND == KIND_INT4 ? CUKV_DA_MINB : KIND == KIND_FP8 ? CUKV_DA_MINB_FP8 : 1)
+                                  D * (NTP ? NTP : 1) > 128 ? 1
+                                  : STREAM == 2 ? 2
+                                  : KIND == KIND_INT4 ? CUKV_DA_MINB : KIND == KIND_FP8 ? CUKV_DA_MINB_FP8 : 1)
     decode_attn(
     const u16* __restrict__ q, const u8* __restrict__ ck, const u8* __restrict__ cv,
     const void* __restrict__ qpk, const void* __restrict__ qpv, const int* __restrict__ block_tables,
