@@ -78,7 +78,12 @@
 // streams taken in interleaved pairs of blocks (DRAM-side, with the arithmetic compiled out: <= 1 us).
 // With the arithmetic compiled out the int4:g4 records ring alone takes 133.9 / 133.2 / 136.5 / 74.3 us
 // (B64 / B16 / B128 / B1; 1 CTA per SM: 130.5 / 129.5 / 134.6 / 70.4), against 142 / 142.5 / 145.5 /
-// 80.5 us with it: the memory pipeline, not the arithmetic, sets most of the int4 time.
+// 80.5 us with it: the memory pipeline, not the arithmetic, sets most of the int4 time. Its boxes matter:
+// the 16 records of a block loaded as 5 rows of 2048 bytes (the same bytes, contiguous) take 129.2 /
+// 127.9 / 132.1 / 72.6 us, but the unpadded 640-byte record pitch then puts K word reads 8-way and V
+// reads 4-way on one bank (full kernel 178-181 us); 656-byte rows read in bounds (an overlapping-stride
+// map, no zero fill) gain nothing. So a faster int4 ring needs wide boxes and conflict-free reads of
+// unpadded records (e.g. 16-byte K units, 2-way at best at a pitch of 0 mod 128 bytes).
 //
 // Numerics. The math definition uses the dequantized bf16 values k^, v^ of SPEC §2.3-§2.5; the
 // result must meet SPEC §11.2 against a float64 reference over them.
