@@ -29,6 +29,7 @@
 // (page_id*S + c%S)*N_KVH + h. Inputs are rows with unit element stride at arbitrary (token, head)
 // strides; `flags` says whether 16-byte accesses are allowed for them (CW_VEC_IN) and 4/16-byte ones
 // for the cache (CW_VEC_CACHE).
+#include "mma.cuh"   // cp_async_commit / cp_async_wait
 #include "rows.cuh"
 
 #define CW_INTERLEAVED 1
@@ -90,14 +91,6 @@ __device__ __forceinline__ uint4 load_raw8(const u16* p, bool vec) {
 // after cp_async_wait.
 __device__ __forceinline__ void cp_async16_sa(u32 sa, const void* gmem) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(sa), "l"(gmem) : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-// Wait until at most n (0..3) of this thread's most recent groups are pending.
-__device__ __forceinline__ void cp_async_wait(int n) {
-  if (n <= 0) asm volatile("cp.async.wait_group 0;\n" ::: "memory");
-  else if (n == 1) asm volatile("cp.async.wait_group 1;\n" ::: "memory");
-  else if (n == 2) asm volatile("cp.async.wait_group 2;\n" ::: "memory");
-  else asm volatile("cp.async.wait_group 3;\n" ::: "memory");
 }
 
 __device__ __forceinline__ void unpack_bf16x8(const uint4& u, float (&f)[8]) {

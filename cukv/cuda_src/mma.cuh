@@ -1,6 +1,6 @@
 // cukv/cuda_src/mma.cuh: tensor-core and asynchronous-copy helpers shared by the attention kernels
-// (decode_attention.cu, prefill_attention.cu). PTX wrappers only; sm_80+ (mma.sync, cp.async,
-// ldmatrix), so one source serves sm_80 and sm_90.
+// (decode_attention.cu, prefill_attention.cu; cache_write.cu uses the cp.async group helpers). PTX
+// wrappers only; sm_80+ (mma.sync, cp.async, ldmatrix), so one source serves sm_80 and sm_90.
 #pragma once
 #include "common.cuh"
 
@@ -17,6 +17,13 @@ __device__ __forceinline__ u32 smem_u32(const void* p) {
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N> __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+// The same with a run-time n: at most n (0..3, more counts as 3) of the newest groups pending.
+__device__ __forceinline__ void cp_async_wait(int n) {
+  if (n <= 0) cp_async_wait<0>();
+  else if (n == 1) cp_async_wait<1>();
+  else if (n == 2) cp_async_wait<2>();
+  else cp_async_wait<3>();
 }
 
 __device__ __forceinline__ void ldmatrix_x4(u32 addr, u32& r0, u32& r1, u32& r2, u32& r3) {
