@@ -383,7 +383,7 @@ __global__ void __launch_bounds__(STREAM == 2 ? 256 : 128,
     float* __restrict__ part_ml, float* __restrict__ dots, int dots_cap, int n_lanes, int kpack, int split_align,
     const __grid_constant__ Tmap tmk, const __grid_constant__ Tmap tmv) {
   typedef Geo<KIND, D> G_;
-  // NTP = 0 (HALF, <= 4 query heads a KV head, bf16 / int4): one head tile whose columns n are head
+  // NTP = 0 (HALF, <= 4 query heads a KV head, every kind): one head tile whose columns n are head
   // n & 3 and d half n >> 2 of the P.V product (see there), so o holds KS / 2 m-tiles, not KS.
   constexpr bool HALF = NTP == 0;
   constexpr int NT = HALF ? 1 : NTP, OT = HALF ? G_::KS / 2 : G_::KS;
@@ -730,7 +730,7 @@ __global__ void __launch_bounds__(STREAM == 2 ? 256 : 128,
   };
 
   float o[NT][OT][4];
-  // running max / sum of heads 8*hh + 2*tid + k (l_run, z_run: over this thread's keys only)
+  // running max / sum of heads 8*hh + hb + k (l_run, z_run: over this thread's keys only)
   float m_run[NT][2], l_run[NT][2], z_run[NT][2];
   // fp8 V fold (see the header): o is kept in units of 2^(e_run - 127), z_run = sum_t p_t shift_t.
   int e_run;
@@ -1059,29 +1059,38 @@ __global__ void __launch_bounds__(STREAM == 2 ? 256 : 128,
 #pragma unroll
       for (int grp = 0; grp < NG; ++grp) {
         const int cA = grp, cB = D == 64 ? 0 : grp + G_::VCH / 2;
-        if (FOLD && HALF) {
-          // fp8, <= 4 heads (see the HALF product below): an A word is two positions of one key, so
-          // one cvt of two adjacent code bytes (no byte permutes)
-          const u32 s0 = g < 4 ? 0x4410u : 0x1044u, s1 = g < 4 ? 0x4432u : 0x3244u;
+        if (HALF) {
+          // <= 4 heads: the reduction index k of a product is (key i of a half block, d half h) =
+          // 2i + h, and column n of B is head n & 3 with d half n >> 2: B = P where h == n >> 2, else 0.
+          // So C[d row][n] = sum_i V[i][d(row, n >> 2)] P[i][n & 3], both d halves of a row in one tile
+          // (KS / 2 accumulator tiles), and A words are one key's decoded positions (2 mm, 2 mm + 1):
+          // no pairing of two keys (fp8: one cvt of two adjacent codes, fp16 operands; its scales are in
+          // P). kh: keys 8*kh + (t, t + 4) of this thread (vr[2 kh], vr[2 kh + 1]).
+          const u32 s0 = g < 4 ? 0x4410u : 0x1044u, s1 = g < 4 ? 0x4432u : 0x3244u;   // P lo / hi into h
 #pragma unroll
           for (int kh = 0; kh < 2; ++kh) {
-            u32 RA[2][2], RB[2][2];
+            u32 VA[2][4], VB[2][4];
 #pragma unroll
             for (int k = 0; k < 2; ++k) {
-              lds<KIND, 8>(vr[2 * kh + k] + po_v + (g + 8 * cA) * 8, RA[k]);
-              if (D != 64) lds<KIND, 8>(vr[2 * kh + k] + po_v + (g + 8 * cB) * 8, RB[k]);
+              u32 raw[G_::CB / 4];
+              const int cva = g + 8 * cA;
+              lds<KIND, G_::CB>(vr[2 * kh + k] + po_v + cva * G_::CB, raw);
+              pre_chunk<KIND, D>(raw, cva, vq[2 * kh + k], gshift, VA[k]);
+              if (D != 64) {
+                const int cvb = g + 8 * cB;
+                lds<KIND, G_::CB>(vr[2 * kh + k] + po_v + cvb * G_::CB, raw);
+                pre_chunk<KIND, D>(raw, cvb, vq[2 * kh + k], gshift, VB[k]);
+              }
             }
             const u32 b0 = __byte_perm(pb[0][kh], 0u, s0), b1 = __byte_perm(pb[0][kh], 0u, s1);
             constexpr int MPH = OT / NG;
-            const u32(&XB)[2][2] = D == 64 ? RA : RB;
 #pragma unroll
             for (int mm = 0; mm < MPH; ++mm) {
               const int mt = grp * MPH + mm;
-              const int wB = D == 64 ? mm + 2 : mm;   // positions (2 wB, 2 wB + 1): byte pair wB
-              auto cv2 = [&](const u32(&R)[2][2], int k, int w) {
-                return (w & 1) ? e4m3x2_hi_to_f16x2(R[k][w >> 1]) : e4m3x2_to_f16x2(R[k][w >> 1]);
-              };
-              mma_f16(o[0][mt], cv2(RA, 0, mm), cv2(XB, 0, wB), cv2(RA, 1, mm), cv2(XB, 1, wB), b0, b1);
+              const int wB = D == 64 ? mm + 2 : mm;   // the word of positions (pB, pB + 1)
+              const u32(&XB)[2][4] = D == 64 ? VA : VB;
+              if (KIND == KIND_BF16) mma_bf16(o[0][mt], VA[0][mm], XB[0][wB], VA[1][mm], XB[1][wB], b0, b1);
+              else mma_f16(o[0][mt], VA[0][mm], XB[0][wB], VA[1][mm], XB[1][wB], b0, b1);
             }
           }
         } else if (FOLD) {
@@ -1114,39 +1123,6 @@ __global__ void __launch_bounds__(STREAM == 2 ? 256 : 128,
               const u32 a3 = h ? e4m3x2_hi_to_f16x2(w23B) : e4m3x2_to_f16x2(w23B);
 #pragma unroll
               for (int hh = 0; hh < NT; ++hh) mma_f16(o[hh][mt], a0, a1, a2, a3, pb[hh][0], pb[hh][1]);
-            }
-          }
-        } else if (HALF) {
-          // <= 4 heads: the reduction index k of a product is (key i of a half block, d half h) =
-          // 2i + h, and column n of B is head n & 3 with d half n >> 2: B = P where h == n >> 2, else 0.
-          // So C[d row][n] = sum_i V[i][d(row, n >> 2)] P[i][n & 3], both d halves of a row in one tile
-          // (KS / 2 accumulator tiles), and A words are one key's decoded positions (2 mm, 2 mm + 1):
-          // no pairing of two keys. kh: keys 8*kh + (t, t + 4) of this thread (vr[2 kh], vr[2 kh + 1]).
-          const u32 s0 = g < 4 ? 0x4410u : 0x1044u, s1 = g < 4 ? 0x4432u : 0x3244u;   // P lo / hi into h
-#pragma unroll
-          for (int kh = 0; kh < 2; ++kh) {
-            u32 VA[2][4], VB[2][4];
-#pragma unroll
-            for (int k = 0; k < 2; ++k) {
-              u32 raw[G_::CB / 4];
-              const int cva = g + 8 * cA;
-              lds<KIND, G_::CB>(vr[2 * kh + k] + po_v + cva * G_::CB, raw);
-              pre_chunk<KIND, D>(raw, cva, vq[2 * kh + k], gshift, VA[k]);
-              if (D != 64) {
-                const int cvb = g + 8 * cB;
-                lds<KIND, G_::CB>(vr[2 * kh + k] + po_v + cvb * G_::CB, raw);
-                pre_chunk<KIND, D>(raw, cvb, vq[2 * kh + k], gshift, VB[k]);
-              }
-            }
-            const u32 b0 = __byte_perm(pb[0][kh], 0u, s0), b1 = __byte_perm(pb[0][kh], 0u, s1);
-            constexpr int MPH = OT / NG;
-#pragma unroll
-            for (int mm = 0; mm < MPH; ++mm) {
-              const int mt = grp * MPH + mm;
-              const int wB = D == 64 ? mm + 2 : mm;   // the word of positions (pB, pB + 1)
-              const u32(&XB)[2][4] = D == 64 ? VA : VB;
-              if (KIND == KIND_BF16) mma_bf16(o[0][mt], VA[0][mm], XB[0][wB], VA[1][mm], XB[1][wB], b0, b1);
-              else mma_f16(o[0][mt], VA[0][mm], XB[0][wB], VA[1][mm], XB[1][wB], b0, b1);
             }
           }
         } else {
