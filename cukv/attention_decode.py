@@ -24,7 +24,7 @@ _STAGES_REC = 2                       # the records ring (CUKV_DA_STAGES_REC)
 _SMEM_TARGET = 112 * 1024             # per CTA: two CTAs fit one H100 SM
 _MAX_AUTO_SPLITS = 128
 _TUNE: dict = {}                      # tuning overrides (benchmarks only): nw, smem_target, head_major, occ,
-                                      # tma, stream, records, stream_occ, stream_any, l2_promotion
+                                      # tma, stream, records, stream_occ, stream_any, l2_promotion, half
 _LAST: dict = {}                      # the last launch's schedule ("split" / "stream" / "records"), CTA
                                       # count and kpack (tests and scripts/bench_decode.py read it)
 
