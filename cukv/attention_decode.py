@@ -24,7 +24,8 @@ _STAGES_REC = 2                       # the records ring (CUKV_DA_STAGES_REC)
 _SMEM_TARGET = 112 * 1024             # per CTA: two CTAs fit one H100 SM
 _MAX_AUTO_SPLITS = 128
 _TUNE: dict = {}                      # tuning overrides (benchmarks only): nw, smem_target, head_major, occ,
-                                      # tma, stream, records, stream_occ, stream_any, l2_promotion, half
+                                      # tma, stream, records, stream_occ, stream_any, l2_promotion, half,
+                                      # swizzle
 _LAST: dict = {}                      # the last launch's schedule ("split" / "stream" / "records"), CTA
                                       # count and kpack (tests and scripts/bench_decode.py read it)
 
@@ -35,6 +36,7 @@ _FAMILY = _compile.Family("decode_attention.cu", [
       for nt in (0, 1, 2)),
     *(_compile.expression("decode_attn", k, d, nt, st) for k in (1, 2) for st in (1, 2) for d in HEAD_DIMS
       for nt in (0, 1, 2)),
+    *(_compile.expression("decode_attn", 2, d, nt, 3) for d in HEAD_DIMS for nt in (0, 1, 2)),
     *(_compile.expression(m, _MERGE_WARPS, wide) for m in ("decode_attn_merge", "decode_attn_merge_stream")
       for wide in (False, True)),
 ], exact=False)
@@ -172,13 +174,14 @@ def _encode_tiled():
     return _ENCODE[0]
 
 
-def _tensor_map(ptr: int, rec: int, T: int, B: int, box_w: int, elem: int = 1, rows: int = 16):
+def _tensor_map(ptr: int, rec: int, T: int, B: int, box_w: int, elem: int = 1, rows: int = 16,
+                swizzle: int = 0):
     """The tensor map of a cache ``[B, T, rec bytes]`` (C-contiguous) with boxes of ``rows`` rows x
     ``box_w`` bytes, seen as elements of ``elem`` bytes (1: uint8, 8: uint64, for boxes wider than 256
     bytes), or None if the driver refuses it. Cached by its arguments."""
     # L2 promotion 128 B (H100: 1-3% faster than 256 B or none on fp8 / int4 decode)
     promo = int(_TUNE.get("l2_promotion", 2))
-    key = (ptr, rec, T, B, box_w, promo, elem, rows)
+    key = (ptr, rec, T, B, box_w, promo, elem, rows, swizzle)
     m = _TMAPS.get(key)
     if m is None:
         import ctypes  # noqa: PLC0415
@@ -192,7 +195,7 @@ def _tensor_map(ptr: int, rec: int, T: int, B: int, box_w: int, elem: int = 1, r
         box = (ctypes.c_uint32 * 3)(box_w // elem, rows, 1)
         es = (ctypes.c_uint32 * 3)(1, 1, 1)
         # uint8 (0) or uint64 (4), rank 3, no interleave, no swizzle, L2 promotion `promo`, OOB -> zeros
-        rc = fn(out.ctypes.data, 0 if elem == 1 else 4, 3, ctypes.c_void_p(ptr), dims, strides, box, es, 0, 0,
+        rc = fn(out.ctypes.data, 0 if elem == 1 else 4, 3, ctypes.c_void_p(ptr), dims, strides, box, es, 0, swizzle,
                 promo, 0)
         if rc != 0:
             return None
@@ -476,23 +479,29 @@ def run(p: Plan, *, partials: bool = False, dots: bool = False, num_splits: int 
     stream = (fast == 3 and kpack == 1 and cfg.auto and not partials and B <= _STREAM_MAX_B
               and _KIND[kind] in (1, 2)
               and _TUNE.get("stream", True))
-    nw, records = cfg.nw, False
+    nw, records, swz = cfg.nw, False, False
     if stream:   # (the launch state changes only once the schedule is certain)
         r = NH // nkv
         n_items = nkv * cfg.n_hg
         n_sm, smem_sm, _, _ = _device_info(cp)
         n_max = B * (-(-g.capacity // 16))                 # blocks of one item at full capacity
         rmaps = None
+        # int4:g4 records of whole 128-byte lines: swizzled boxes of those lines (STREAM = 3)
+        swz = (kind == "int4" and g.groups == 4 and cs1 % 128 == 0 and cs1 <= 2048
+               and _TUNE.get("swizzle", True))
         if cfg.n_hg == 1 and 4 <= nkv <= 8 and _TUNE.get("records", True):
-            pitch = _record_pitch(cs1)
-            mk = _tensor_map(pk, cs1, T, B, pitch, elem=8) if pitch <= 2048 else None
-            mv = _tensor_map(pv, cs1, T, B, pitch, elem=8) if mk is not None else None
+            pitch = cs1 if swz else _record_pitch(cs1)
+            if swz:   # 16 records as 128-byte lines, CU_TENSOR_MAP_SWIZZLE_128B
+                mk, mv = (_tensor_map(x, 128, T * (cs1 // 128), B, 128, 1, 16 * cs1 // 128, 3) for x in (pk, pv))
+            else:
+                mk = _tensor_map(pk, cs1, T, B, pitch, elem=8) if pitch <= 2048 else None
+                mv = _tensor_map(pv, cs1, T, B, pitch, elem=8) if mk is not None else None
             rmaps = (mk, mv) if mv is not None else None
         records = rmaps is not None
         s_nw = nkv if records else cfg.nw
         s_smem = (s_nw * 32 * D + _STAGES_REC * (32 * pitch + 16) if records
                   else _smem(D, s_nw, warp_bytes, stream=True))
-        s_kernel = _FAMILY.kernel("decode_attn", _KIND[kind], D, _nt(r), 2 if records else 1)
+        s_kernel = _FAMILY.kernel("decode_attn", _KIND[kind], D, _nt(r), (3 if swz else 2) if records else 1)
         occ = min(_occupancy(s_kernel, s_smem, s_nw, smem_sm),
                   _TUNE.get("stream_occ", 1 if records and kind == "fp8" else 2))
         n_streams = min(n_sm * occ * s_nw // n_items, -(-n_max // 4))   # >= 4 blocks per warp
@@ -534,7 +543,7 @@ def run(p: Plan, *, partials: bool = False, dots: bool = False, num_splits: int 
             i32(stage_bytes), i32(warp_bytes), i32(hm), out, lse, pa, pm, dt,
             i32(g.capacity if dots else 0), i32(B), i32(kpack), i32(1 if partials else 16), tk, tv)
     _LAST.update(schedule=("records" if records else "stream") if stream else "split",
-                 ctas=n_cta if stream else None, kpack=kpack)
+                 ctas=n_cta if stream else None, kpack=kpack, swizzle=bool(records and swz))
     if stream:
         _compile.launch(kernel, (n_cta,), (32 * nw,), args, shared_mem=smem)
         merge, mgrid, mblock = _merge_launch("decode_attn_merge_stream", B * NH, n_streams / B, D)
@@ -620,9 +629,10 @@ def decode_attention(q, cache_k, cache_v, seqlens, *, fmt=None, qparam_k=None, q
     With automatic splits, up to 512 lanes and 16-byte aligned token records, a cache read with tensor
     copies takes the stream schedule instead where it measured faster on the H100 (one wave of
     persistent CTAs, each streaming an equal share of all lanes' keys): fp8 and int4 with 8 KV heads, a
-    CTA reading whole token records, every head at once (int4: with at least 24 16-key blocks a stream),
-    and fp8 with fewer than 4 or more than 8 KV heads, a warp per head. Its output differs from the
-    split schedule's only by fp32 summation order.
+    CTA reading whole token records, every head at once (int4: with at least 24 16-key blocks a stream;
+    int4:g4, whose records are whole 128-byte lines, as swizzled lines), and fp8 with fewer than 4 or
+    more than 8 KV heads, a warp per head. With a single lane its streams take the 16-key blocks in
+    turn. Its output differs from the split schedule's only by fp32 summation order.
     **cukv differs** from FBGEMM's split-K kernel: any D in {64, 128, 256}, any GQA ratio, paged
     caches, contexts of any int32 length.
 

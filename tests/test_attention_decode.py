@@ -268,6 +268,11 @@ def test_tensor_copy_matches_cp_async(gpu, rng, fmt, D, n_kv, kpack):
     ("int4:g1", 256, 4, 8, (3000, 0, 45, 1), None, True),
     ("int4:g2", 128, 2, 8, (0, 0, 300, 1, 1500), None, False),
     ("int4:g4", 64, 1, 32, (77, 0, 1000), 3, False),
+    ("int4:g4", 128, 8, 4, (5000,), None, True),      # one lane: the streams take its blocks in turn
+    ("int4:g4", 128, 8, 4, (1,), None, True),
+    ("fp8", 128, 8, 4, (40000,), None, True),
+    ("fp8_head", 128, 8, 2, (2049,), 1, True),
+    ("fp8", 64, 4, 2, (3001,), 2, False),
 ])
 def test_stream_schedule(gpu, rng, fmt, D, n_kv, ratio, lens, occ, records):
     """Automatic splits over a contiguous fp8 or int4 cache (rows of at most 256 bytes) on sm_90 run a stream
@@ -305,6 +310,41 @@ def test_stream_schedule(gpu, rng, fmt, D, n_kv, ratio, lens, occ, records):
     ref1, _ = cukv.decode_attention(*c.args(gpu), return_lse=True, num_splits=1, **c.kw(gpu))
     assert ad._LAST["schedule"] == "split"
     assert np.abs(to_host(out).astype(np.float64) - to_host(ref1).astype(np.float64)).max() <= 2e-2
+
+
+@pytest.mark.parametrize("D,ratio,lens", [
+    (128, 4, (0, 1, 17, 700, 0, 2053, 16, 0)), (128, 4, (5000,)), (64, 4, (33, 0, 4096, 5)),
+    (256, 2, (3000, 0, 45, 1)), (128, 1, (700, 2053)), (128, 8, (17, 1500)), (64, 16, (1, 0, 999)),
+])
+def test_swizzled_records_match_padded(gpu, rng, D, ratio, lens):
+    """int4:g4 with 8 KV heads: token records are whole 128-byte lines, so the records ring loads them
+    as 128-byte-swizzled lines (contiguous, unpadded, every shared read through the swizzle XOR). The
+    result must meet the float64 bounds and equal, bit for bit, the padded records ring (the same
+    arithmetic on the same values), also for a single lane (streams taking its blocks in turn), the
+    full head tile (r 8, 16) and D 64 / 256."""
+    import cupy as cp  # noqa: PLC0415
+
+    from cukv import attention_decode as ad  # noqa: PLC0415
+
+    if ad._device_info(cp)[3] < 90:
+        pytest.skip("the records ring needs TMA copies (sm_90)")
+    c = Case(rng, "int4:g4", D, ratio * 8, lens, n_kv=8)
+    O64, lse64 = c.exact()
+    res = []
+    try:
+        ad._TUNE["stream_any"] = True
+        for sw in (True, False):
+            ad._TUNE["swizzle"] = sw
+            dirty_pool(gpu, (1 << 22,), c.q.shape, c.q.shape[:2])
+            res.append(cukv.decode_attention(*c.args(gpu), return_lse=True, **c.kw(gpu)))
+            assert ad._LAST["schedule"] == "records" and ad._LAST["swizzle"] == sw
+            check_attention(*res[-1], O64, lse64, f"records D={D} r={ratio} swizzle={sw}")
+    finally:
+        ad._TUNE.pop("stream_any", None)
+        ad._TUNE.pop("swizzle", None)
+    (o1, l1), (o2, l2) = res
+    assert (to_host(o1).view(np.uint16) == to_host(o2).view(np.uint16)).all()
+    assert (to_host(l1).view(np.uint32) == to_host(l2).view(np.uint32)).all()
 
 
 @pytest.mark.parametrize("fmt", ["bf16", "int4:g8"])

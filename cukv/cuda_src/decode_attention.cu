@@ -11,10 +11,19 @@
 //   persistent CTAs; warp W = k * n_items + hy is item hy (KV head x head group) of position stream k,
 //   which takes the 16-key blocks [k*N/PS, (k+1)*N/PS) of all lanes' N blocks (ordered lane, block)
 //   through one pipeline, across lanes, writing one partial per lane it touches (decode_attn_merge_stream
-//   merges them). STREAM = 1: every warp has its own ring of per-head boxes. STREAM = 2 (`records`,
-//   4-8 KV heads of <= 16 query heads): a CTA is one stream, one warp per KV head, sharing a ring of
-//   whole token records (two boxes of 16 records per stage, K and V, issued by thread 0; full / empty
-//   mbarriers), so the DRAM reads are contiguous and each warp reads its head's rows in place.
+//   merges them). With a single lane the streams take its blocks in turn instead (stream k: blocks k,
+//   k + PS, ..), so that all of them read one window of the cache at a time (DRAM rows used whole; still
+//   one partial per stream; H100 B1 T131072 32/8 D128: int4:g4 81.4 -> 78.5 us, fp8 108.2 -> 105.9 us).
+//   STREAM = 1: every warp has its own ring of per-head boxes. STREAM = 2 (`records`, 4-8 KV heads of
+//   <= 16 query heads): a CTA is one stream, one warp per KV head, sharing a ring of whole token records
+//   (two boxes of 16 records per stage, K and V, issued by thread 0; full / empty mbarriers), so the
+//   DRAM reads are contiguous and each warp reads its head's rows in place. STREAM = 3 (int4:g4 records
+//   that are whole 128-byte lines, i.e. 8 KV heads): the boxes are the block's 16 records seen as rows
+//   of 128 bytes (one contiguous 16-record run per box), stored by the TMA with its 128-byte swizzle
+//   (the 16-byte chunk c of line L lands at chunk c ^ (L & 7)); every shared read goes through that XOR
+//   (swz_off), with each thread's offsets computed once (rows j and j + 8 share a pattern). The records
+//   are then unpadded, yet the K / header reads of 8 keys hit 8 different chunks (conflict-free) and
+//   the V reads are 1.56-way on average (2-way with the padded pitch). See the measurements below.
 // decode_attn_merge, decode_attn_merge_stream: the log-sum-exp merge of the partials, one warp per
 //   (lane, query head), or one block where a task has many partials, in a fixed order (deterministic, no
 //   atomics). Launched with PDL: the stream kernels let it start at once, and it waits for their end.
@@ -83,7 +92,15 @@
 // 127.9 / 132.1 / 72.6 us, but the unpadded 640-byte record pitch then puts K word reads 8-way and V
 // reads 4-way on one bank (full kernel 178-181 us); 656-byte rows read in bounds (an overlapping-stride
 // map, no zero fill) gain nothing. So a faster int4 ring needs wide boxes and conflict-free reads of
-// unpadded records (e.g. 16-byte K units, 2-way at best at a pitch of 0 mod 128 bytes).
+// unpadded records: STREAM = 3 (the swizzled lines) is that ring. Same run, int4:g4 B64 / B16 / B128 /
+// B1 (with the single-lane turns), us: memory only (arithmetic compiled out) 128.5 / 127.4 / 131.5 /
+// 70.8 against 133.9 / 132.8 / 136.3 / 72.8 padded; arithmetic only (no copies issued) 124.6 / 126.1 /
+// 127.3 / 70.1 against 126.9 / 127.6 / 128.3 / 70.6; whole calls 140.1 / 141.7 / 143.3 / 77.5 against
+// 141.7 / 143.5 / 145.9 / 78.5. So int4 is bound by memory and arithmetic alike (each alone ~125-130 us
+// at the large shapes), and the call costs ~12 us more than either. Computing the XOR at every read
+// (swizzle as a run-time flag of STREAM = 2, or per read) made the arithmetic 8-10% slower (147-159 us);
+// one 640-byte bulk copy per record (cp.async.bulk, padded rows) 189 us; a 1-D bulk-copy ring alone
+// (no tensor map) reads 671 MB at 3035-3134 GB/s on the same H100, LDG.128 at 3077-3159 GB/s.
 //
 // Numerics. The math definition uses the dequantized bf16 values k^, v^ of SPEC §2.3-§2.5; the
 // result must meet SPEC §11.2 against a float64 reference over them.
@@ -279,6 +296,10 @@ struct Cursor {
   int b, hy, t0, end;
 };
 
+// A byte offset from a 1024-byte aligned shared-memory base, where a tensor copy with the 128-byte
+// swizzle put it: the 16-byte chunk index within each 128-byte line XORed with the line index mod 8.
+__device__ __forceinline__ u32 swz_off(u32 o) { return o ^ ((o >> 3) & 0x70u); }
+
 // Per-row dequantization parameters.
 struct RowQ {
   float s, z;        // fp8: scale, shift (fp8_head: s, -0)
@@ -369,9 +390,9 @@ __device__ __forceinline__ u32 pair_sel(u32 a, u32 b, int hi) {
 
 // ------------------------------------------------------------------------------------ the kernel
 template <int KIND, int D, int NTP, int STREAM>
-__global__ void __launch_bounds__(STREAM == 2 ? 256 : 128,
+__global__ void __launch_bounds__(STREAM >= 2 ? 256 : 128,
                                   D * (NTP ? NTP : 1) > 128 ? 1
-                                  : STREAM == 2 ? 2
+                                  : STREAM >= 2 ? 2
                                   : KIND == KIND_INT4 ? CUKV_DA_MINB : KIND == KIND_FP8 ? CUKV_DA_MINB_FP8 : 1)
     decode_attn(
     const u16* __restrict__ q, const u8* __restrict__ ck, const u8* __restrict__ cv,
@@ -387,7 +408,10 @@ __global__ void __launch_bounds__(STREAM == 2 ? 256 : 128,
   // n & 3 and d half n >> 2 of the P.V product (see there), so o holds KS / 2 m-tiles, not KS.
   constexpr bool HALF = NTP == 0;
   constexpr int NT = HALF ? 1 : NTP, OT = HALF ? G_::KS / 2 : G_::KS;
-  constexpr int KS = G_::KS, STAGES = STREAM == 2 ? CUKV_DA_STAGES_REC : G_::STAGES;
+  // STREAM 2 / 3: records; 3 (int4:g4, token records of whole 128-byte lines): the boxes are those
+  // lines with the TMA's 128-byte swizzle, so the reads are contiguous and the records unpadded (swz_off)
+  constexpr bool REC = STREAM >= 2, SW = STREAM == 3 && KIND == KIND_INT4;
+  constexpr int KS = G_::KS, STAGES = REC ? CUKV_DA_STAGES_REC : G_::STAGES;
   if (STREAM) pdl_trigger();   // one wave: the merge's blocks may take the SMs' spare slots now
   constexpr bool FOLD = KIND == KIND_FP8;   // V scale/shift folded into P / a per-head fp32 sum
   extern __shared__ __align__(16) u8 smem[];
@@ -414,6 +438,7 @@ __global__ void __launch_bounds__(STREAM == 2 ? 256 : 128,
     nh = min(16, r - hg * 16);
   };
   int my_n;                // 16-key blocks this warp serves
+  int t_step = 16;         // stream: keys between a warp's blocks (wave: 16 * PS)
   Cursor cc{0, 0, 0, 0};   // stream: the block computed next
   i64 stream_k = 0;        // stream: the position stream of this warp
   if (!STREAM) {
@@ -446,8 +471,10 @@ __global__ void __launch_bounds__(STREAM == 2 ? 256 : 128,
     for (int w = 0; w < nw; ++w) N += red[w];
     const i64 W = (i64)blockIdx.x * nw + warp, k = W / n_items;
     const i64 PS = min((i64)num_splits, N);   // num_splits: the stream count
-    const i64 xb = k < PS ? k * N / PS : N;
-    my_n = k < PS ? (int)((k + 1) * N / PS - xb) : 0;
+    const bool wave = n_lanes == 1;
+    const i64 xb = wave ? (k < PS ? k : N) : (k < PS ? k * N / PS : N);
+    my_n = k < PS ? (wave ? (int)((N - k + PS - 1) / PS) : (int)((k + 1) * N / PS - xb)) : 0;
+    if (wave) t_step = 16 * (int)PS;
     stream_k = k;
     __syncthreads();
     if (lane == 0) {
@@ -530,8 +557,8 @@ __global__ void __launch_bounds__(STREAM == 2 ? 256 : 128,
   };
 
   // ---- this warp's pipeline
-  // (records: one ring for the CTA, STREAM == 2; its full / empty mbarriers after the last stage)
-  u8* wbase = smem + (STREAM ? nw : 1) * KS * 32 * 16 + (STREAM == 2 ? 0 : warp * warp_bytes);
+  // (records: one ring for the CTA, STREAM >= 2; its full / empty mbarriers after the last stage)
+  u8* wbase = smem + (STREAM ? nw : 1) * KS * 32 * 16 + (REC ? 0 : warp * warp_bytes);
   const u32 rec_bar = smem_s + (u32)(wbase + STAGES * stage_bytes - smem);
   i64* offs = reinterpret_cast<i64*>(wbase + STAGES * stage_bytes);   // [16] row bytes, [16] words
   u32* masks = reinterpret_cast<u32*>(offs + 32);                      // [STAGES]
@@ -539,7 +566,7 @@ __global__ void __launch_bounds__(STREAM == 2 ? 256 : 128,
   const u32 bar_s = smem_s + (u32)(reinterpret_cast<u8*>(masks) - smem) + 16;
   u32 phase = 0;
 #if CUKV_DA_TMA
-  if (STREAM == 2) {
+  if (REC) {
     if (threadIdx.x == 0) {
 #pragma unroll
       for (int s = 0; s < STAGES; ++s) {
@@ -578,7 +605,7 @@ __global__ void __launch_bounds__(STREAM == 2 ? 256 : 128,
   int po_k = pad_k + hdr, po_v = pad_v + hdr;
   // a stage: the K box, then the V box at vofs; key j (0..15) of a box at rowK(j) / rowV(j) (tensor
   // copies of kpack records a box row: row j / kpack, record j % kpack in it)
-  const int kp = STREAM == 2 ? 1 : kpack, kp_shift = __ffs(kp) - 1;   // (records: always 1)
+  const int kp = REC ? 1 : kpack, kp_shift = __ffs(kp) - 1;   // (records: always 1)
   const int vofs = ((16 >> kp_shift) * sK + 127) & ~127;   // (a tensor copy's destination: 128-byte aligned)
   auto rowK = [&](int j) { return (j >> kp_shift) * sK + (j & (kp - 1)) * (int)cs1; };
   auto rowV = [&](int j) { return (j >> kp_shift) * sV + (j & (kp - 1)) * (int)cs1; };
@@ -597,14 +624,15 @@ __global__ void __launch_bounds__(STREAM == 2 ? 256 : 128,
     if (li < my_n) {
       const int t0 = STREAM ? ic.t0 : start + (warp + li * nw) * 16;
 #if CUKV_DA_TMA
-      if (STREAM == 2) {   // whole token records (every KV head) of 16 keys, K and V, by one thread
+      if (REC) {   // whole token records (every KV head) of 16 keys, K and V, by one thread
         if (threadIdx.x == 0) {
           const u32 full = rec_bar + 8 * s;
           if (li >= STAGES) mbar_wait(rec_bar + 8 * (STAGES + s), ((li / STAGES) - 1) & 1);   // stage free
           mbar_expect_tx(full, 32u * (u32)sK);
           const u32 st_s = smem_s + (u32)(wbase + s * stage_bytes - smem);
-          tma_load_3d(st_s, &tmk, 0, t0, ic.b, full);
-          tma_load_3d(st_s + 16 * sK, &tmv, 0, t0, ic.b, full);
+          const int y0 = SW ? t0 * (int)(cs1 >> 7) : t0;   // (SW: the box rows are 128-byte lines)
+          tma_load_3d(st_s, &tmk, 0, y0, ic.b, full);
+          tma_load_3d(st_s + 16 * sK, &tmv, 0, y0, ic.b, full);
         }
         return;
       }
@@ -766,7 +794,7 @@ __global__ void __launch_bounds__(STREAM == 2 ? 256 : 128,
   };
   // stream: the next block of the warp's item (the next lane with keys at the end of a lane)
   auto advance = [&](Cursor& c) {
-    c.t0 += 16;
+    c.t0 += t_step;
     if (c.t0 >= c.end) {
       c.t0 = 0;
       do {
@@ -825,10 +853,36 @@ __global__ void __launch_bounds__(STREAM == 2 ? 256 : 128,
   };
   // stream: rows at their address mod 16 in their box row; records: at the head's offset in the record
   auto stream_pads = [&]() {
-    pad_k = pad_v = STREAM == 2 ? kvh * R : tma_pad(kvh);
+    pad_k = pad_v = REC ? kvh * R : tma_pad(kvh);
     po_k = po_v = pad_k + hdr;
   };
   if (STREAM) stream_pads();
+  // SW: this thread's word offsets in a stage's K / V box, loop invariant (a records warp keeps its KV
+  // head; rows j and j + 8 share a swizzle pattern, 8 records being a multiple of 1024 bytes). K: key
+  // kg, payload words u*UB + tid + 4j and its qparam chunk; V: keys of pattern kk (HALF: tid + 4kk,
+  // else 2 tid + kk), chunks g + 8 cA (and g + 8 cB) of each chunk group, and their qparam chunks.
+  constexpr int NKW = G_::KU * (G_::UB / 4), NGV = D == 256 ? 2 : 1, NVW = D == 64 ? NGV : 2 * NGV;
+  u32 kso[SW ? NKW : 1], vso[2][SW ? NVW : 1], khs = 0, vhs[2] = {0, 0};
+  if (SW) {
+    if ((smem_s + (u32)(wbase - smem)) & 1023u) __trap();   // (the host's layout keeps stages aligned)
+#pragma unroll
+    for (int u = 0; u < G_::KU; ++u)
+#pragma unroll
+      for (int j = 0; j < G_::UB / 4; ++j)
+        kso[u * (G_::UB / 4) + j] = swz_off((u32)(rowK(kg) + po_k + 4 * (u * G_::UB + tid + 4 * j)));
+    khs = swz_off((u32)(rowK(kg) + pad_k));
+#pragma unroll
+    for (int kk = 0; kk < 2; ++kk) {
+      const int key = HALF ? tid + 4 * kk : 2 * tid + kk;
+      vhs[kk] = swz_off((u32)(rowV(key) + pad_v));
+#pragma unroll
+      for (int grp = 0; grp < NGV; ++grp) {
+        const int cA = grp, cB = D == 64 ? 0 : grp + G_::VCH / 2;
+        vso[kk][D == 64 ? grp : 2 * grp] = swz_off((u32)(rowV(key) + po_v + (g + 8 * cA) * G_::CB));
+        if (D != 64) vso[kk][2 * grp + 1] = swz_off((u32)(rowV(key) + po_v + (g + 8 * cB) * G_::CB));
+      }
+    }
+  }
   Cursor ic = cc;   // stream: the block issued next
   // the first copies go out before the q fragments load (records: thread 0 initialised the barriers)
   auto first_issues = [&]() {
@@ -838,12 +892,12 @@ __global__ void __launch_bounds__(STREAM == 2 ? 256 : 128,
       if (STREAM) advance(ic);
     }
   };
-  if (STREAM == 2) first_issues();
+  if (REC) first_issues();
   if (!STREAM) load_q(threadIdx.x, blockDim.x);
   else if (my_n > 0) load_q(lane, 32);
   load_hs();
   __syncthreads();   // q fragments ready (and the barriers initialised)
-  if (STREAM != 2) first_issues();
+  if (!REC) first_issues();
 
   for (int j = 0; j < my_n; ++j) {
     issue(j + STAGES - 1, (j + STAGES - 1) % STAGES, ic);
@@ -853,13 +907,19 @@ __global__ void __launch_bounds__(STREAM == 2 ? 256 : 128,
     const int t0 = STREAM ? cc.t0 : start + (warp + j * nw) * 16;
     const int nk = end - t0;
 #if CUKV_DA_TMA
-    if (STREAM == 2) {
+    if (REC) {
       mbar_wait(rec_bar + 8 * s, (j / STAGES) & 1);
       if (nk < 16) {   // keys past the lane: zero this head's V rows (0 * NaN); other heads are other warps'
         u32* sv = reinterpret_cast<u32*>(wbase + s * stage_bytes + 16 * sK + nk * sK + pad_v);
         for (int o = lane; o < (16 - nk) * (R >> 2); o += 32) {
           const int row = o / (R >> 2);
-          sv[row * (sK >> 2) + (o - row * (R >> 2))] = 0u;
+          const int wd = row * (sK >> 2) + (o - row * (R >> 2));
+          if (SW) {
+            const u32 at = (u32)(reinterpret_cast<u8*>(sv + wd) - (wbase + s * stage_bytes));
+            *reinterpret_cast<u32*>(wbase + s * stage_bytes + swz_off(at)) = 0u;
+          } else {
+            sv[wd] = 0u;
+          }
         }
       }
     } else if (STREAM || fast == 3) {
@@ -884,7 +944,7 @@ __global__ void __launch_bounds__(STREAM == 2 ? 256 : 128,
     const u8* stK = st;
     const u8* stV = st + vofs;
     const u32* stW = reinterpret_cast<const u32*>(st + 16 * (sK + sV));
-    const u32 vm = STREAM == 2 ? (nk >= 16 ? 0xffffu : (1u << nk) - 1u) : masks[s];
+    const u32 vm = REC ? (nk >= 16 ? 0xffffu : (1u << nk) - 1u) : masks[s];
 
     auto row_q = [&](const u8* row, int key, bool isv) {
       RowQ rq;
@@ -913,7 +973,11 @@ __global__ void __launch_bounds__(STREAM == 2 ? 256 : 128,
     {
       const u8* kr0 = stK + rowK(kg);
       const u8* kr1 = stK + rowK(8 + kg);
-      const RowQ q0 = row_q(kr0, kg, false), q1 = row_q(kr1, 8 + kg, false);
+      RowQ q0 = row_q(kr0, kg, false), q1 = row_q(kr1, 8 + kg, false);
+      if (SW) {   // (the qparam chunk: one 16-byte chunk, int4:g4)
+        q0.hdr = stK + khs;
+        q1.hdr = stK + khs + 8 * sK;
+      }
 #pragma unroll
       for (int u = 0; u < G_::KU; ++u) {
         u32 raw0[G_::UB / 4], raw1[G_::UB / 4];
@@ -925,8 +989,13 @@ __global__ void __launch_bounds__(STREAM == 2 ? 256 : 128,
           const u32* kw1 = reinterpret_cast<const u32*>(kr1 + po_k) + u * G_::UB + tid;
 #pragma unroll
           for (int j = 0; j < G_::UB / 4; ++j) {
-            raw0[j] = kw0[4 * j];
-            raw1[j] = kw1[4 * j];
+            if (SW) {
+              raw0[j] = *reinterpret_cast<const u32*>(stK + kso[u * (G_::UB / 4) + j]);
+              raw1[j] = *reinterpret_cast<const u32*>(stK + kso[u * (G_::UB / 4) + j] + 8 * sK);
+            } else {
+              raw0[j] = kw0[4 * j];
+              raw1[j] = kw1[4 * j];
+            }
           }
         }
 #pragma unroll
@@ -981,6 +1050,7 @@ __global__ void __launch_bounds__(STREAM == 2 ? 256 : 128,
         const int key = (k >> 1) * 8 + (HALF ? tid + 4 * (k & 1) : 2 * tid + (k & 1));
         vr[k] = stV + rowV(key);
         vq[k] = row_q(vr[k], key, true);
+        if (SW) vq[k].hdr = stV + vhs[k & 1] + (k >> 1) * 8 * sV;
       }
     };
     const u8* vr[4];
@@ -1074,11 +1144,13 @@ __global__ void __launch_bounds__(STREAM == 2 ? 256 : 128,
             for (int k = 0; k < 2; ++k) {
               u32 raw[G_::CB / 4];
               const int cva = g + 8 * cA;
-              lds<KIND, G_::CB>(vr[2 * kh + k] + po_v + cva * G_::CB, raw);
+              if (SW) raw[0] = *reinterpret_cast<const u32*>(stV + vso[k][D == 64 ? grp : 2 * grp] + kh * 8 * sV);
+              else lds<KIND, G_::CB>(vr[2 * kh + k] + po_v + cva * G_::CB, raw);
               pre_chunk<KIND, D>(raw, cva, vq[2 * kh + k], gshift, VA[k]);
               if (D != 64) {
                 const int cvb = g + 8 * cB;
-                lds<KIND, G_::CB>(vr[2 * kh + k] + po_v + cvb * G_::CB, raw);
+                if (SW) raw[0] = *reinterpret_cast<const u32*>(stV + vso[k][(2 * grp + 1) % NVW] + kh * 8 * sV);
+                else lds<KIND, G_::CB>(vr[2 * kh + k] + po_v + cvb * G_::CB, raw);
                 pre_chunk<KIND, D>(raw, cvb, vq[2 * kh + k], gshift, VB[k]);
               }
             }
@@ -1132,11 +1204,13 @@ __global__ void __launch_bounds__(STREAM == 2 ? 256 : 128,
           for (int k = 0; k < 4; ++k) {
             u32 raw[G_::CB / 4];
             const int cva = g + 8 * cA;
-            lds<KIND, G_::CB>(vr[k] + po_v + cva * G_::CB, raw);
+            if (SW) raw[0] = *reinterpret_cast<const u32*>(stV + vso[k & 1][D == 64 ? grp : 2 * grp] + (k >> 1) * 8 * sV);
+            else lds<KIND, G_::CB>(vr[k] + po_v + cva * G_::CB, raw);
             pre_chunk<KIND, D>(raw, cva, vq[k], gshift, VA[k]);
             if (D != 64) {
               const int cvb = g + 8 * cB;
-              lds<KIND, G_::CB>(vr[k] + po_v + cvb * G_::CB, raw);
+              if (SW) raw[0] = *reinterpret_cast<const u32*>(stV + vso[k & 1][(2 * grp + 1) % NVW] + (k >> 1) * 8 * sV);
+              else lds<KIND, G_::CB>(vr[k] + po_v + cvb * G_::CB, raw);
               pre_chunk<KIND, D>(raw, cvb, vq[k], gshift, VB[k]);
             }
           }
@@ -1162,7 +1236,7 @@ __global__ void __launch_bounds__(STREAM == 2 ? 256 : 128,
     }
     __syncwarp();
 #if CUKV_DA_TMA
-    if (STREAM == 2 && lane == 0) mbar_arrive(rec_bar + 8 * (STAGES + s));   // this warp is done with stage s
+    if (REC && lane == 0) mbar_arrive(rec_bar + 8 * (STAGES + s));   // this warp is done with stage s
 #endif
     if (STREAM) {   // the item ends (or the warp's blocks do): its partial goes out, the next one starts
       Cursor nx = cc;
@@ -1185,7 +1259,7 @@ __global__ void __launch_bounds__(STREAM == 2 ? 256 : 128,
   }
   cp_async_wait<0>();
 #if CUKV_DA_TMA
-  if (STREAM == 2) {
+  if (REC) {
     __syncthreads();   // every warp is past its last wait
     if (threadIdx.x == 0) {
 #pragma unroll
