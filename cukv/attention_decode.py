@@ -490,13 +490,16 @@ def run(p: Plan, *, partials: bool = False, dots: bool = False, num_splits: int 
         swz = (kind == "int4" and g.groups == 4 and cs1 % 128 == 0 and cs1 <= 2048
                and _TUNE.get("swizzle", True))
         if cfg.n_hg == 1 and 4 <= nkv <= 8 and _TUNE.get("records", True):
-            pitch = cs1 if swz else _record_pitch(cs1)
-            if swz:   # 16 records as 128-byte lines, CU_TENSOR_MAP_SWIZZLE_128B
+            if swz:   # 16 records as 128-byte lines, CU_TENSOR_MAP_SWIZZLE_128B (else: padded rows)
                 mk, mv = (_tensor_map(x, 128, T * (cs1 // 128), B, 128, 1, 16 * cs1 // 128, 3) for x in (pk, pv))
-            else:
+                swz = mk is not None and mv is not None
+            if not swz:
+                pitch = _record_pitch(cs1)
                 mk = _tensor_map(pk, cs1, T, B, pitch, elem=8) if pitch <= 2048 else None
                 mv = _tensor_map(pv, cs1, T, B, pitch, elem=8) if mk is not None else None
-            rmaps = (mk, mv) if mv is not None else None
+            else:
+                pitch = cs1
+            rmaps = (mk, mv) if mk is not None and mv is not None else None
         records = rmaps is not None
         s_nw = nkv if records else cfg.nw
         s_smem = (s_nw * 32 * D + _STAGES_REC * (32 * pitch + 16) if records

@@ -101,6 +101,9 @@
 // (swizzle as a run-time flag of STREAM = 2, or per read) made the arithmetic 8-10% slower (147-159 us);
 // one 640-byte bulk copy per record (cp.async.bulk, padded rows) 189 us; a 1-D bulk-copy ring alone
 // (no tensor map) reads 671 MB at 3035-3134 GB/s on the same H100, LDG.128 at 3077-3159 GB/s.
+// Also not kept with STREAM = 3: the merge giving a warp all 4 heads of a slot at B64 / B128 (+1.5 /
+// -0.1 us); one V-zeroing loop for the records and tensor-copy paths (int4 +0.2-0.9 us: its registers
+// moved, 126 against 122); the L2 promotion at 0 / 256 bytes (within 0.5 us); one CTA per SM (163 us).
 //
 // Numerics. The math definition uses the dequantized bf16 values k^, v^ of SPEC §2.3-§2.5; the
 // result must meet SPEC §11.2 against a float64 reference over them.
