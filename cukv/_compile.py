@@ -177,7 +177,8 @@ def launch(kernel, grid, block, args, shared_mem: int = 0, *, pdl: bool = False)
     ``pdl``: a programmatic dependent launch (``cuLaunchKernelEx``, sm_90+): the kernel may start
     while the kernel before it on the stream still runs, once that one triggers (or ends), and must
     ``griddepcontrol.wait`` before reading what it wrote. Falls back to a plain launch where the driver
-    refuses it (older GPUs or drivers)."""
+    refuses it (older GPUs or drivers). Arguments: CuPy arrays, NumPy scalars and by-value structs
+    (``np.void``, e.g. a CUtensorMap)."""
     for a in args:
         if isinstance(a, (int, float, bool)) and not isinstance(a, np.generic):  # np.float64 is a float
             raise TypeError(f"cukv internal error: kernel scalar {a!r} must be a numpy scalar")
@@ -234,6 +235,8 @@ def _launch_pdl(kernel, grid, block, args, shared_mem: int) -> bool:
         if isinstance(a, cp.ndarray):
             vals.append(ctypes.c_uint64(a.data.ptr))
         elif isinstance(a, np.generic) and a.dtype.kind in "iuf" and a.dtype.itemsize in (4, 8):
+            vals.append(ctypes.create_string_buffer(a.tobytes(), a.dtype.itemsize))
+        elif isinstance(a, np.void):   # a by-value struct (e.g. a CUtensorMap), its bytes
             vals.append(ctypes.create_string_buffer(a.tobytes(), a.dtype.itemsize))
         else:
             return False

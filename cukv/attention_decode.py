@@ -479,7 +479,7 @@ def run(p: Plan, *, partials: bool = False, dots: bool = False, num_splits: int 
     stream = (fast == 3 and kpack == 1 and cfg.auto and not partials and B <= _STREAM_MAX_B
               and _KIND[kind] in (1, 2)
               and _TUNE.get("stream", True))
-    nw, records, swz = cfg.nw, False, False
+    nw, records, swz, occ, occ_max = cfg.nw, False, False, 0, 0
     if stream:   # (the launch state changes only once the schedule is certain)
         r = NH // nkv
         n_items = nkv * cfg.n_hg
@@ -505,8 +505,8 @@ def run(p: Plan, *, partials: bool = False, dots: bool = False, num_splits: int 
         s_smem = (s_nw * 32 * D + _STAGES_REC * (32 * pitch + 16) if records
                   else _smem(D, s_nw, warp_bytes, stream=True))
         s_kernel = _FAMILY.kernel("decode_attn", _KIND[kind], D, _nt(r), (3 if swz else 2) if records else 1)
-        occ = min(_occupancy(s_kernel, s_smem, s_nw, smem_sm),
-                  _TUNE.get("stream_occ", 1 if records and kind == "fp8" else 2))
+        occ_max = _occupancy(s_kernel, s_smem, s_nw, smem_sm)
+        occ = min(occ_max, _TUNE.get("stream_occ", 1 if records and kind == "fp8" else 2))
         n_streams = min(n_sm * occ * s_nw // n_items, -(-n_max // 4))   # >= 4 blocks per warp
         # records only with 8 KV heads (and, int4, >= 24 blocks a stream at full capacity); see above
         rule = nkv == 8 and (kind == "fp8" or n_max >= 24 * n_streams) if records else kind == "fp8"
@@ -548,7 +548,12 @@ def run(p: Plan, *, partials: bool = False, dots: bool = False, num_splits: int 
     _LAST.update(schedule=("records" if records else "stream") if stream else "split",
                  ctas=n_cta if stream else None, kpack=kpack, swizzle=bool(records and swz))
     if stream:
-        _compile.launch(kernel, (n_cta,), (32 * nw,), args, shared_mem=smem)
+        # PDL (the kernel waits for the one before it first) where a wave fills every SM: it then starts
+        # as the previous call's merge drains (H100 int4:g4 records, 32/8 D128 B64 / B16 / B128 / B1:
+        # 139.9 / 142.0 / 143.2 / 77.4 -> 137.7 / 137.5 / 141.1 / 76.2 us). Not with fewer CTAs an SM
+        # than fit (fp8 records, one a SM): CTAs placed beside the draining merge pile up two on an SM
+        # (206.7 -> 237.9 us at B64).
+        _compile.launch(kernel, (n_cta,), (32 * nw,), args, shared_mem=smem, pdl=occ == occ_max)
         merge, mgrid, mblock = _merge_launch("decode_attn_merge_stream", B * NH, n_streams / B, D)
         _compile.launch(merge, mgrid, mblock, (pa, pm, seq, i32(B), i32(NH), i32(nkv), i32(g.capacity), i32(D),
                                                  i32(n_streams), out, lse), pdl=True)

@@ -240,9 +240,11 @@ __device__ __forceinline__ void tma_load_3d(u32 dst, const Tmap* map, int c0, in
 #define CUKV_DA_TMA 0
 #endif
 
-// Programmatic dependent launch (sm_90+; no-ops where the merge is launched without it): the decode
-// kernel lets its merge launch at once (pdl_trigger), the merge waits for the decode grid to complete
-// and its writes to be visible before it reads the partials (pdl_wait).
+// Programmatic dependent launch (sm_90+; no-ops in a kernel launched without it): the decode kernel
+// lets its merge launch at once (pdl_trigger), the merge waits for the decode grid to complete and its
+// writes to be visible before it reads the partials (pdl_wait). The merge in turn lets the next call's
+// decode kernel launch (the stream schedule's, where its wave fills every SM), which waits for the
+// kernel before it before it touches global memory.
 __device__ __forceinline__ void pdl_trigger() {
 #if __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
@@ -415,6 +417,9 @@ __global__ void __launch_bounds__(STREAM >= 2 ? 256 : 128,
   // lines with the TMA's 128-byte swizzle, so the reads are contiguous and the records unpadded (swz_off)
   constexpr bool REC = STREAM >= 2, SW = STREAM == 3 && KIND == KIND_INT4;
   constexpr int KS = G_::KS, STAGES = REC ? CUKV_DA_STAGES_REC : G_::STAGES;
+  // (launched with PDL: the kernel before it on the stream may still run; nothing global is touched
+  // before it has completed and its writes are visible)
+  pdl_wait();
   if (STREAM) pdl_trigger();   // one wave: the merge's blocks may take the SMs' spare slots now
   constexpr bool FOLD = KIND == KIND_FP8;   // V scale/shift folded into P / a per-head fp32 sum
   extern __shared__ __align__(16) u8 smem[];
@@ -1494,6 +1499,7 @@ template <int NWM, bool WIDE>
 __global__ void __launch_bounds__(32 * NWM, 2) decode_attn_merge(const float* __restrict__ part_a,
     const float* __restrict__ part_ml, int n_lanes, int n_heads, int num_splits, int D, u16* __restrict__ out,
     float* __restrict__ lse) {
+  pdl_trigger();   // the next call's decode kernel may launch (it waits for this grid first)
   const i64 bh = merge_task_of<NWM, WIDE>((i64)n_lanes * n_heads, D);
   if (bh < 0) return;
   const i64 b = bh / n_heads;
@@ -1514,6 +1520,7 @@ template <int NWM, bool WIDE>
 __global__ void __launch_bounds__(32 * NWM, 2) decode_attn_merge_stream(const float* __restrict__ part_a,
     const float* __restrict__ part_ml, const int* __restrict__ seqlens, int n_lanes,
     int n_heads, int n_kv, int capacity, int D, int n_streams, u16* __restrict__ out, float* __restrict__ lse) {
+  pdl_trigger();   // the next call's decode kernel may launch (it waits for this grid first)
   const i64 bh = merge_task_of<NWM, WIDE>((i64)n_lanes * n_heads, D);
   if (bh < 0) return;
   const int r = n_heads / n_kv, n_hg = (r + 15) >> 4, hs = min(16, r);
