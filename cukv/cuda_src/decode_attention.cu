@@ -97,7 +97,10 @@
 // 70.8 against 133.9 / 132.8 / 136.3 / 72.8 padded; arithmetic only (no copies issued) 124.6 / 126.1 /
 // 127.3 / 70.1 against 126.9 / 127.6 / 128.3 / 70.6; whole calls 140.1 / 141.7 / 143.3 / 77.5 against
 // 141.7 / 143.5 / 145.9 / 78.5. So int4 is bound by memory and arithmetic alike (each alone ~125-130 us
-// at the large shapes), and the call costs ~12 us more than either. Computing the XOR at every read
+// at the large shapes), and the call costs ~12 us more than either. With the decode kernel a programmatic
+// dependent launch of the previous call's merge (attention_decode.run), bench: 136.9 / 135.8 / 139.8 /
+// 75.7 us, 0.390 / 0.393 / 0.396 / 0.417x SDPA. At B1 the merge of 264 partials a head still follows the
+// kernel (~7 us of the call), and memory alone (70.8 us incl. that merge) leaves no room for 72.6. Computing the XOR at every read
 // (swizzle as a run-time flag of STREAM = 2, or per read) made the arithmetic 8-10% slower (147-159 us);
 // one 640-byte bulk copy per record (cp.async.bulk, padded rows) 189 us; a 1-D bulk-copy ring alone
 // (no tensor map) reads 671 MB at 3035-3134 GB/s on the same H100, LDG.128 at 3077-3159 GB/s.
