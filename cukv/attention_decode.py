@@ -27,7 +27,7 @@ _TUNE: dict = {}                      # tuning overrides (benchmarks only): nw, 
                                       # tma, stream, records, stream_occ, stream_any, l2_promotion, half,
                                       # swizzle
 _LAST: dict = {}                      # the last launch's schedule ("split" / "stream" / "records"), CTA
-                                      # count and kpack (tests and scripts/bench_decode.py read it)
+                                      # count, kpack and swizzle (tests and scripts/bench_decode.py read it)
 
 _MERGE_WARPS = 8                      # warps per merge block (decode_attn_merge*<NWM, WIDE>)
 _STREAM_MAX_B = 512                   # the stream schedule's prologue scans every lane's length per CTA
@@ -178,7 +178,8 @@ def _tensor_map(ptr: int, rec: int, T: int, B: int, box_w: int, elem: int = 1, r
                 swizzle: int = 0):
     """The tensor map of a cache ``[B, T, rec bytes]`` (C-contiguous) with boxes of ``rows`` rows x
     ``box_w`` bytes, seen as elements of ``elem`` bytes (1: uint8, 8: uint64, for boxes wider than 256
-    bytes), or None if the driver refuses it. Cached by its arguments."""
+    bytes), or None if the driver refuses it. ``swizzle``: CUtensorMapSwizzle (3: 128-byte, the box
+    rows then at most 128 bytes). Cached by its arguments."""
     # L2 promotion 128 B (H100: 1-3% faster than 256 B or none on fp8 / int4 decode)
     promo = int(_TUNE.get("l2_promotion", 2))
     key = (ptr, rec, T, B, box_w, promo, elem, rows, swizzle)
@@ -194,7 +195,8 @@ def _tensor_map(ptr: int, rec: int, T: int, B: int, box_w: int, elem: int = 1, r
         strides = (ctypes.c_uint64 * 2)(rec, rec * T)
         box = (ctypes.c_uint32 * 3)(box_w // elem, rows, 1)
         es = (ctypes.c_uint32 * 3)(1, 1, 1)
-        # uint8 (0) or uint64 (4), rank 3, no interleave, no swizzle, L2 promotion `promo`, OOB -> zeros
+        # uint8 (0) or uint64 (4), rank 3, no interleave, `swizzle` (0: none, 3: 128 bytes), L2 promotion
+        # `promo`, OOB -> zeros
         rc = fn(out.ctypes.data, 0 if elem == 1 else 4, 3, ctypes.c_void_p(ptr), dims, strides, box, es, 0, swizzle,
                 promo, 0)
         if rc != 0:
@@ -551,7 +553,7 @@ def run(p: Plan, *, partials: bool = False, dots: bool = False, num_splits: int 
         # PDL (the kernel waits for the one before it first) where a wave fills every SM: it then starts
         # as the previous call's merge drains (H100 int4:g4 records, 32/8 D128 B64 / B16 / B128 / B1:
         # 139.9 / 142.0 / 143.2 / 77.4 -> 137.7 / 137.5 / 141.1 / 76.2 us). Not with fewer CTAs an SM
-        # than fit (fp8 records, one a SM): CTAs placed beside the draining merge pile up two on an SM
+        # than fit (fp8 records, one an SM): CTAs placed beside the draining merge pile up two on an SM
         # (206.7 -> 237.9 us at B64).
         _compile.launch(kernel, (n_cta,), (32 * nw,), args, shared_mem=smem, pdl=occ == occ_max)
         merge, mgrid, mblock = _merge_launch("decode_attn_merge_stream", B * NH, n_streams / B, D)
