@@ -99,8 +99,21 @@
 // 141.7 / 143.5 / 145.9 / 78.5. So int4 is bound by memory and arithmetic alike (each alone ~125-130 us
 // at the large shapes), and the call costs ~12 us more than either. With the decode kernel a programmatic
 // dependent launch of the previous call's merge (attention_decode.run), bench: 136.9 / 135.8 / 139.8 /
-// 75.7 us, 0.390 / 0.393 / 0.396 / 0.417x SDPA. At B1 the merge of 264 partials a head still follows the
-// kernel (~7 us of the call), and memory alone (70.8 us incl. that merge) leaves no room for 72.6. Computing the XOR at every read
+// 75.7 us, 0.390 / 0.393 / 0.396 / 0.417x SDPA. Then the tensor copies with an L2 evict_first policy
+// (tma_load_3d; the cache is read once a call) and the one-round-trip WIDE merge (merge_wide): 128.8 /
+// 129.3 / 131.2 / 71.7 us, 0.367 / 0.375 / 0.372 / 0.395x SDPA (fp8 206.2 -> 197.5 us at B64).
+// A %globaltimer timeline of back-to-back B1 int4:g4 calls (before those two): the CTAs of one SM do
+// not finish together: the one placed first (lower index) leaves ~7.4 us before its neighbour (the two
+// are given equal blocks; per-SM last exits lie within 2.6 us), so the last ~7 us of the kernel run one
+// CTA an SM; then ~0.7 us to the merge's wait, 5.3 us of merge (4.3 with merge_wide, most of it the
+// first loads of the partials, whatever their pattern or L2 hint), ~0.7 us to the next call's wait.
+// Measured and not kept (B1 T131072 unless noted): two records streams in one CTA of 16 warps sharing
+// the stages' empty barriers, so they move in step (bit-identical output; 79.6 against 76.5 us, B64
+// 137.2 / 137.9; with three stages 80.9); turns weighted towards the CTAs placed first (C + 1 blocks
+// against C each cycle, C = 3..12: 79.9-87.3 against 76.8 us); the merge inside the decode kernel after
+// a grid barrier (cooperative launch 78.7, without the attribute 77.7, against 76.6 us; fp8 +2.5 us);
+// the partials stored with an L2 evict_last policy (CUKV_DA_KEEP_PARTS: 72.9 against 71.8 us); the
+// L2 promotion at 0 / 64 / 256 bytes (within 0.3 us). Computing the XOR at every read
 // (swizzle as a run-time flag of STREAM = 2, or per read) made the arithmetic 8-10% slower (147-159 us);
 // one 640-byte bulk copy per record (cp.async.bulk, padded rows) 189 us; a 1-D bulk-copy ring alone
 // (no tensor map) reads 671 MB at 3035-3134 GB/s on the same H100, LDG.128 at 3077-3159 GB/s.
@@ -259,7 +272,8 @@ __device__ __forceinline__ void tma_load_3d(u32 dst, const Tmap* map, int c0, in
 #define CUKV_DA_TMA 0
 #endif
 
-// A partial's store: kept in L2 (evict_last) for the merge that reads it next (CUKV_DA_KEEP_PARTS).
+// A partial's store; with CUKV_DA_KEEP_PARTS kept in L2 (evict_last) for the merge that reads it next
+// (off: measured 1 us slower at B1, see the header).
 __device__ __forceinline__ void st_part(float* p, float v) {
 #if CUKV_DA_KEEP_PARTS && __CUDA_ARCH__ >= 800
   u64 pol;
@@ -1502,8 +1516,8 @@ __device__ __forceinline__ void merge_task(const float* __restrict__ arow, i64 a
 // whole 128-byte lines; and the m, l of rows k and k + 32 of the chunk), folded into a running (m, l, a)
 // of the warp; then the warps' maxima, each warp rescaled to the block's, and a fixed-order sum of the
 // warps through shared memory (deterministic). At batch 1 (264 partials, 33 a warp) one memory round
-// trip: H100 int4:g4 B1 T131072, the merge's part of a call 5.3 -> 2.x us (a thread a partial row, its
-// 32 columns as float4: 4.3 us).
+// trip instead of merge_task's four or five (H100 int4:g4 B1 T131072, wait to exit 5.3 -> 4.3-4.8 us;
+// a thread a partial row, its 32 columns as float4, measured alike).
 template <int NWM>
 __device__ __forceinline__ void merge_wide(const float* __restrict__ arow, i64 astep, const float* __restrict__ mrow,
                                            const float* __restrict__ lrow, i64 mstep, int count,
