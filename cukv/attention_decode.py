@@ -644,10 +644,10 @@ def decode_attention(q, cache_k, cache_v, seqlens, *, fmt=None, qparam_k=None, q
     int4:g4, whose records are whole 128-byte lines, as swizzled lines), and fp8 with fewer than 4 or
     more than 8 KV heads, a warp per head. With a single lane its streams take the 16-key blocks in
     turn. Tensor copies of the cache enter L2 with an evict_first policy (read once a call, the cache
-    does not push the partials and other data out). Where its one wave fills every SM (int4) the kernel is a
-    programmatic dependent launch: it
-    may be scheduled while the kernel before it drains, and waits for it before touching memory. Its
-    output differs from the split schedule's only by fp32 summation order.
+    does not push the partials and other data out). Where its one wave fills every SM (int4) the kernel
+    is a programmatic dependent launch: it may be scheduled while the kernel before it drains, and waits
+    for it before touching memory. Its output differs from the split schedule's only by fp32 summation
+    order.
     **cukv differs** from FBGEMM's split-K kernel: any D in {64, 128, 256}, any GQA ratio, paged
     caches, contexts of any int32 length.
 

@@ -996,6 +996,11 @@ __global__ void __launch_bounds__(STREAM >= 2 ? 256 : 128,
     const u8* stK = st;
     const u8* stV = st + vofs;
     const u32* stW = reinterpret_cast<const u32*>(st + 16 * (sK + sV));
+    // SW: the V word of chunk group grp, chunk A (b = 0) or B (b = 1), of swizzle pattern kk in rows
+    // 8 * half .. (see vso)
+    auto sw_v = [&](int kk, int half, int grp, int b) {
+      return *reinterpret_cast<const u32*>(stV + vso[kk][D == 64 ? grp : 2 * grp + b] + half * 8 * sV);
+    };
     const u32 vm = REC ? (nk >= 16 ? 0xffffu : (1u << nk) - 1u) : masks[s];
 
     auto row_q = [&](const u8* row, int key, bool isv) {
@@ -1196,12 +1201,12 @@ __global__ void __launch_bounds__(STREAM >= 2 ? 256 : 128,
             for (int k = 0; k < 2; ++k) {
               u32 raw[G_::CB / 4];
               const int cva = g + 8 * cA;
-              if (SW) raw[0] = *reinterpret_cast<const u32*>(stV + vso[k][D == 64 ? grp : 2 * grp] + kh * 8 * sV);
+              if (SW) raw[0] = sw_v(k, kh, grp, 0);
               else lds<KIND, G_::CB>(vr[2 * kh + k] + po_v + cva * G_::CB, raw);
               pre_chunk<KIND, D>(raw, cva, vq[2 * kh + k], gshift, VA[k]);
               if (D != 64) {
                 const int cvb = g + 8 * cB;
-                if (SW) raw[0] = *reinterpret_cast<const u32*>(stV + vso[k][(2 * grp + 1) % NVW] + kh * 8 * sV);
+                if (SW) raw[0] = sw_v(k, kh, grp, 1);
                 else lds<KIND, G_::CB>(vr[2 * kh + k] + po_v + cvb * G_::CB, raw);
                 pre_chunk<KIND, D>(raw, cvb, vq[2 * kh + k], gshift, VB[k]);
               }
@@ -1256,12 +1261,12 @@ __global__ void __launch_bounds__(STREAM >= 2 ? 256 : 128,
           for (int k = 0; k < 4; ++k) {
             u32 raw[G_::CB / 4];
             const int cva = g + 8 * cA;
-            if (SW) raw[0] = *reinterpret_cast<const u32*>(stV + vso[k & 1][D == 64 ? grp : 2 * grp] + (k >> 1) * 8 * sV);
+            if (SW) raw[0] = sw_v(k & 1, k >> 1, grp, 0);
             else lds<KIND, G_::CB>(vr[k] + po_v + cva * G_::CB, raw);
             pre_chunk<KIND, D>(raw, cva, vq[k], gshift, VA[k]);
             if (D != 64) {
               const int cvb = g + 8 * cB;
-              if (SW) raw[0] = *reinterpret_cast<const u32*>(stV + vso[k & 1][(2 * grp + 1) % NVW] + (k >> 1) * 8 * sV);
+              if (SW) raw[0] = sw_v(k & 1, k >> 1, grp, 1);
               else lds<KIND, G_::CB>(vr[k] + po_v + cvb * G_::CB, raw);
               pre_chunk<KIND, D>(raw, cvb, vq[k], gshift, VB[k]);
             }
@@ -1389,18 +1394,14 @@ __global__ void __launch_bounds__(STREAM >= 2 ? 256 : 128,
 // ------------------------------------------------------------------------------------ merge
 // out = sum_s e^(m_s - m) a_s / sum_s e^(m_s - m) l_s; lse = m + ln(l), over `count` partials of one
 // task (lane, query head): a_s = arow[s * astep + d] (unnormalised), m_s = mrow[s * mstep] (natural log
-// units), l_s = lrow[s * mstep]. A team merges a task: one warp (WIDE = false: a block serves NWM
-// tasks, no block barrier), or the NWM warps of a block (WIDE, many partials: warp w takes s = w, w +
-// NWM, .., each block one 32-column slice of its task). Lane k holds the V columns from k*V of a row
-// (V = D/32, WIDE: 1). The merge is latency-bound, so the first CH rows of a warp are loaded before
-// the (m, l) reduction needs them and every later chunk of CH rows is loaded at once: with a few
-// partials per task (the usual stream schedule) a task costs two memory round trips. Fixed order
-// throughout: deterministic.
-template <int V>   // floats per lane: D / 32 (WIDE: 1)
+// units), l_s = lrow[s * mstep]. merge_task: one warp merges a task (a block serves NWM tasks, no block
+// barrier); lane k holds the V = D/32 columns from k*V of a row. The merge is latency-bound, so the
+// first CH rows are loaded before the (m, l) reduction needs them and every later chunk of CH rows is
+// loaded at once: with a few partials per task (the usual stream schedule) a task costs two memory
+// round trips. Tasks with many partials take merge_wide below. Fixed order throughout: deterministic.
+template <int V>   // floats per lane: D / 32
 __device__ __forceinline__ void ld_cols(const float* p, float (&x)[V]) {
-  if (V == 1) {
-    x[0] = *p;
-  } else if (V == 2) {
+  if (V == 2) {
     const float2 t = *reinterpret_cast<const float2*>(p);
     x[0] = t.x; x[1] = t.y;
   } else {
@@ -1412,36 +1413,22 @@ __device__ __forceinline__ void ld_cols(const float* p, float (&x)[V]) {
   }
 }
 
-template <int NWM, bool WIDE, int V>
+template <int V>
 __device__ __forceinline__ void merge_task(const float* __restrict__ arow, i64 astep, const float* __restrict__ mrow,
                                            const float* __restrict__ lrow, i64 mstep, int count,
                                            u16* __restrict__ orow, float* __restrict__ lse_out) {
-  constexpr int CH = WIDE ? 32 : (V == 8 ? 4 : 8);   // rows in flight per warp
-  __shared__ float red[WIDE ? 2 * NWM : 1];
-  __shared__ float sums[WIDE ? NWM : 1][WIDE ? 32 * V : 1];
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int r0 = WIDE ? warp : 0, rs = WIDE ? NWM : 1;               // this warp's rows r0, r0 + rs, ..
-  const int t0 = WIDE ? threadIdx.x : lane, ts = WIDE ? 32 * NWM : 32;   // (m, l): s = t0, t0 + ts, ..
+  constexpr int CH = V == 8 ? 4 : 8;   // rows in flight per warp
+  const int lane = threadIdx.x & 31;
   const float* col = arow + lane * V;
   float x[CH][V];
-  // rows c + r0 + j*rs, j < CH; WIDE (32 rows): by a pointer stepped row by row (H100 B1: 3 us faster
-  // than one address per row; with one task per warp the per-row addresses are faster)
-  auto load_chunk = [&](int c) {
-    const float* p = col + (i64)(c + r0) * astep;
+  auto load_chunk = [&](int c) {   // rows c + j, j < CH
 #pragma unroll
-    for (int j = 0; j < CH; ++j) {
-      const int s = c + r0 + j * rs;
-      if (WIDE) {
-        if (s < count) ld_cols<V>(p, x[j]);
-        p += astep * rs;
-      } else if (s < count) {
-        ld_cols<V>(col + (i64)s * astep, x[j]);
-      }
-    }
+    for (int j = 0; j < CH; ++j)
+      if (c + j < count) ld_cols<V>(col + (i64)(c + j) * astep, x[j]);
   };
   load_chunk(0);   // in flight during the (m, l) reduction
   float m = CUKV_NEG_INF, l = 0.0f;
-  for (int s = t0; s < count; s += ts) {
+  for (int s = lane; s < count; s += 32) {
     const float ms = mrow[(i64)s * mstep], ls = lrow[(i64)s * mstep];
     const float mn = fmaxf(m, ms);
     if (mn != CUKV_NEG_INF) l = l * __expf(m - mn) + ls * __expf(ms - mn);
@@ -1450,13 +1437,6 @@ __device__ __forceinline__ void merge_task(const float* __restrict__ arow, i64 a
   float M = m;
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1) M = fmaxf(M, __shfl_xor_sync(CUKV_FULL_MASK, M, off));
-  if (WIDE) {
-    if (lane == 0) red[warp] = M;
-    __syncthreads();
-    M = red[0];
-#pragma unroll
-    for (int w = 1; w < NWM; ++w) M = fmaxf(M, red[w]);
-  }
   float L = M == CUKV_NEG_INF || m == CUKV_NEG_INF ? 0.0f : l * __expf(m - M);
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1) L += __shfl_xor_sync(CUKV_FULL_MASK, L, off);
@@ -1464,51 +1444,24 @@ __device__ __forceinline__ void merge_task(const float* __restrict__ arow, i64 a
 #pragma unroll
   for (int k = 0; k < V; ++k) acc[k] = 0.0f;
   if (M != CUKV_NEG_INF) {
-    for (int c = 0; c < count; c += CH * rs) {
+    for (int c = 0; c < count; c += CH) {
       if (c > 0) load_chunk(c);
-      const float* pm = mrow + (i64)(c + r0) * mstep;
 #pragma unroll
       for (int j = 0; j < CH; ++j) {
-        const int s = c + r0 + j * rs;
+        const int s = c + j;
         if (s < count) {
-          const float ms = WIDE ? *pm : mrow[(i64)s * mstep];
+          const float ms = mrow[(i64)s * mstep];
           const float w = ms == CUKV_NEG_INF ? 0.0f : __expf(ms - M);
 #pragma unroll
           for (int k = 0; k < V; ++k) acc[k] += w * x[j][k];
         }
-        if (WIDE) pm += mstep * rs;
       }
     }
   }
-  if (WIDE) {
-    if (lane == 0) red[NWM + warp] = L;
 #pragma unroll
-    for (int k = 0; k < V; ++k) sums[warp][lane * V + k] = acc[k];
-    __syncthreads();
-    L = 0.0f;
-#pragma unroll
-    for (int w = 0; w < NWM; ++w) L += red[NWM + w];
-    if (warp == 0) {
-#pragma unroll
-      for (int k = 0; k < V; ++k) {
-        float t = 0.0f;
-#pragma unroll
-        for (int w = 0; w < NWM; ++w) t += sums[w][lane * V + k];
-        acc[k] = t;
-      }
-    }
-  }
-  if (!WIDE || warp == 0) {
-    if (V == 1) {
-      orow[lane] = M == CUKV_NEG_INF ? (u16)0 : f32_to_bf16(acc[0] / L);
-    } else {
-#pragma unroll
-      for (int k = 0; k + 1 < V; k += 2)
-        *reinterpret_cast<u32*>(orow + lane * V + k) =
-            M == CUKV_NEG_INF ? 0u : pack_bf16x2(acc[k] / L, acc[k + 1] / L);
-    }
-    if (lane == 0 && lse_out != nullptr) *lse_out = M == CUKV_NEG_INF ? CUKV_NEG_INF : M + logf(L);
-  }
+  for (int k = 0; k + 1 < V; k += 2)
+    *reinterpret_cast<u32*>(orow + lane * V + k) = M == CUKV_NEG_INF ? 0u : pack_bf16x2(acc[k] / L, acc[k + 1] / L);
+  if (lane == 0 && lse_out != nullptr) *lse_out = M == CUKV_NEG_INF ? CUKV_NEG_INF : M + logf(L);
 }
 
 // WIDE (many partials, e.g. 264 at batch 1): one block merges 32 columns of a task. Warp w takes the
@@ -1576,8 +1529,8 @@ __device__ __forceinline__ void merge_wide(const float* __restrict__ arow, i64 a
   }
 }
 
-// WIDE: the block merges the 32 columns from 32 * (blockIdx.x % (D / 32)) of its task (V = 1: 17 rows a
-// warp at batch 1 are one chunk, and a batch-1 call spreads its merge over D/32 times more SMs).
+// WIDE: the block merges (merge_wide) the 32 columns from 32 * (blockIdx.x % (D / 32)) of its task, so
+// a batch-1 call spreads its merge over D/32 times more SMs.
 template <int NWM, bool WIDE>
 __device__ __forceinline__ void merge_partials(const float* __restrict__ arow, i64 astep,
                                                const float* __restrict__ mrow, const float* __restrict__ lrow,
@@ -1585,16 +1538,12 @@ __device__ __forceinline__ void merge_partials(const float* __restrict__ arow, i
                                                float* __restrict__ lse_out) {
   if (WIDE) {
     const int c0 = 32 * (int)(blockIdx.x % (D / 32));
-#if CUKV_DA_MERGE_OLD
-    merge_task<NWM, true, 1>(arow + c0, astep, mrow, lrow, mstep, count, orow + c0, c0 == 0 ? lse_out : nullptr);
-#else
     merge_wide<NWM>(arow + c0, astep, mrow, lrow, mstep, count, orow + c0, c0 == 0 ? lse_out : nullptr);
-#endif
     return;
   }
-  if (D == 64) merge_task<NWM, WIDE, 2>(arow, astep, mrow, lrow, mstep, count, orow, lse_out);
-  else if (D == 128) merge_task<NWM, WIDE, 4>(arow, astep, mrow, lrow, mstep, count, orow, lse_out);
-  else merge_task<NWM, WIDE, 8>(arow, astep, mrow, lrow, mstep, count, orow, lse_out);
+  if (D == 64) merge_task<2>(arow, astep, mrow, lrow, mstep, count, orow, lse_out);
+  else if (D == 128) merge_task<4>(arow, astep, mrow, lrow, mstep, count, orow, lse_out);
+  else merge_task<8>(arow, astep, mrow, lrow, mstep, count, orow, lse_out);
 }
 
 // The (lane, query head) task of this warp, or -1: WIDE, the block's task (D/32 blocks a task, one per
